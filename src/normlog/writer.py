@@ -1,0 +1,325 @@
+"""`Writer`: TensorBoard event files through tensorboardX, with values binned by normlog's core.
+
+Rules: tensorboardX is imported when the first Writer is made, never by `import normlog`,
+and without pulling torch in with it. Values become numpy through `_convert`, and every
+statistic comes from `_core`. Each error names the tag. One Writer owns one event file,
+whose name no other Writer can take, and `flush()` means on disk.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import secrets
+import struct
+import sys
+import threading
+import zlib
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
+
+import numpy as np
+
+from normlog._convert import to_numpy
+from normlog._core import Bins, Histogram, Stats, histogram, l2_norm, summarize
+
+if TYPE_CHECKING:
+    from types import ModuleType, TracebackType
+
+__all__ = ["Writer"]
+
+_T = TypeVar("_T")
+
+
+@functools.lru_cache(maxsize=1)
+def _tensorboardx() -> ModuleType:
+    # tensorboardX's writer.py runs `import torch` at import time, only to widen one type
+    # check. Hide torch while it loads, so that logging numpy data never imports torch.
+    hidden = "torch" not in sys.modules
+    if hidden:
+        sys.modules["torch"] = None  # type: ignore[assignment]
+    try:
+        import tensorboardX
+        import tensorboardX.proto.summary_pb2
+        import tensorboardX.summary
+    finally:
+        if hidden:
+            del sys.modules["torch"]
+    return tensorboardX
+
+
+@functools.lru_cache(maxsize=4096)
+def _clean_tag(tag: str) -> str:
+    # The same cleaning tensorboardX applies in add_scalar, cached: adapters reuse tags.
+    return str(_tensorboardx().summary._clean_tag(tag))
+
+
+def _named(tag: str, convert: Callable[[], _T]) -> _T:
+    """Run `convert`, re-raising bad-input errors with the tag in front."""
+    try:
+        return convert()
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"normlog: tag {tag!r}: {error}") from error
+
+
+def _check_tag(tag: Any) -> str:
+    if not isinstance(tag, str):
+        raise TypeError(f"normlog: tag must be a string, got {tag!r} ({type(tag).__name__})")
+    return tag
+
+
+def _to_float(value: Any) -> float:
+    array = to_numpy(value)
+    if array.size != 1:
+        raise ValueError(f"a scalar must hold one value, got shape {array.shape}")
+    if array.dtype.kind not in "biuf" and not array.dtype.type.__module__.startswith("ml_dtypes"):
+        raise TypeError(f"a scalar must be a real number, got {value!r}")
+    return float(array.reshape(()).astype(np.float64))
+
+
+def _step(step: Any) -> int | None:
+    return None if step is None else int(step)
+
+
+def _png(image: np.ndarray) -> bytes:
+    """Encode an HxWxC uint8 image (C = 3 or 4) as PNG with the standard library."""
+    height, width, channels = image.shape
+    rows = b"".join(b"\x00" + image[y].tobytes() for y in range(height))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 6 if channels == 4 else 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows, 6)) + chunk(b"IEND", b"")
+
+
+def _image_hwc(image: np.ndarray, dataformats: str) -> np.ndarray:
+    if not isinstance(dataformats, str) or not dataformats or set(dataformats.upper()) - set("NCHW"):
+        raise ValueError(f"dataformats must be letters of 'NCHW', got {dataformats!r}")
+    if len(set(dataformats.upper())) != len(dataformats) or image.ndim != len(dataformats):
+        raise ValueError(f"image of shape {image.shape} does not match dataformats {dataformats!r}")
+    if "C" in dataformats.upper() and image.shape[dataformats.upper().index("C")] not in (1, 3, 4):
+        raise ValueError(f"image of shape {image.shape} must have 1, 3 or 4 channels ({dataformats!r})")
+    if image.dtype.kind not in "biuf" or image.size == 0:
+        raise TypeError(f"image must be a non-empty real array, got dtype {image.dtype} and shape {image.shape}")
+    hwc = _tensorboardx().utils.convert_to_HWC(image, dataformats.upper())
+    if hwc.dtype != np.uint8:  # floats are in [0, 1], as in tensorboardX and tf.summary.image
+        hwc = np.nan_to_num(hwc.astype(np.float32) * 255.0).clip(0, 255).astype(np.uint8)
+    return np.ascontiguousarray(hwc)
+
+
+def _drain(event_file_writer: Any) -> None:
+    """Write out every queued event and fsync. tensorboardX's own flush() only flushes the
+    file, leaving events still in its queue (and after a crash, lost)."""
+    if getattr(event_file_writer, "_closed", True):
+        return
+    worker = event_file_writer._worker
+    worker.stop()  # its stop signal queues behind every pending event, and stop() joins
+    event_file_writer._ev_writer.flush()  # file flush and os.fsync
+    event_file_writer._worker = type(worker)(
+        event_file_writer._event_queue, event_file_writer._ev_writer, event_file_writer._flush_secs
+    )
+    event_file_writer._worker.start()
+
+
+class Writer:
+    """Write scalars, norms, stats, histograms, images and text to TensorBoard event files.
+
+    The method names and arguments follow tensorboardX's (and torch's) SummaryWriter:
+    `add_scalar(tag, value, step)`, `add_histogram(tag, values, step, bins=...)`, and so on.
+    `values` may be numpy arrays, Python numbers or lists, torch tensors (any device and
+    float dtype) or TensorFlow tensors and variables. NaN and ±Inf are data: a histogram
+    counts them and writes the count as the scalar `<tag>/nonfinite`.
+
+    With `logdir=None` the run goes to `runs/<date>_<host><comment>`, as in SummaryWriter.
+    """
+
+    def __init__(
+        self,
+        logdir: str | os.PathLike[str] | None = None,
+        *,
+        comment: str = "",
+        purge_step: int | None = None,
+        max_queue: int = 10,
+        flush_secs: float = 120,
+        filename_suffix: str = "",
+    ) -> None:
+        tensorboardx = _tensorboardx()
+        if logdir is not None:
+            logdir = os.fspath(logdir)
+            try:
+                os.makedirs(logdir, exist_ok=True)
+            except OSError as error:
+                raise OSError(f"normlog: cannot create log directory {logdir!r}: {error}") from error
+            if not os.access(logdir, os.W_OK | os.X_OK):
+                raise PermissionError(f"normlog: log directory {logdir!r} is not writable")
+        # tensorboardX names event files by second and host, so two writers made in the
+        # same second in one directory would truncate each other (tensorboardX #776).
+        unique = f".{os.getpid()}.{secrets.token_hex(4)}{filename_suffix}"
+        self._tbx = tensorboardx.SummaryWriter(
+            logdir=logdir,
+            comment=comment,
+            purge_step=purge_step,
+            max_queue=max_queue,
+            flush_secs=flush_secs,
+            filename_suffix=unique,
+        )
+        self.logdir: str = str(self._tbx.logdir)
+        self._lock = threading.Lock()
+        self._closed = False
+
+    # -- scalars -------------------------------------------------------------------
+
+    def add_scalar(self, tag: str, value: Any, step: int | None = None, walltime: float | None = None) -> None:
+        """One scalar. NaN and ±Inf are written as they are."""
+        tag = _check_tag(tag)
+        scalar = _named(tag, lambda: _to_float(value))
+        self._summary([(tag, scalar)], step, walltime)
+
+    def add_scalars(
+        self, main_tag: str, tag_scalar_dict: Mapping[str, Any], step: int | None = None, walltime: float | None = None
+    ) -> None:
+        """Several scalars on one chart: each key becomes a run `<logdir>/<main_tag>/<key>`,
+        as in SummaryWriter."""
+        main_tag = _check_tag(main_tag)
+        if not isinstance(tag_scalar_dict, Mapping):
+            raise TypeError(f"normlog: tag {main_tag!r}: expected a dict of scalars, got {type(tag_scalar_dict).__name__}")
+        scalars = {_check_tag(key): _named(f"{main_tag}/{key}", lambda v=v: _to_float(v)) for key, v in tag_scalar_dict.items()}
+        self._open()
+        with self._lock:
+            self._tbx.add_scalars(main_tag, scalars, _step(step), walltime)
+            # tensorboardX also keeps every value in memory for export_scalars_to_json: drop them.
+            self._tbx.scalar_dict.clear()
+
+    def add_norm(self, tag: str, values: Any, step: int | None = None, walltime: float | None = None) -> float:
+        """The L2 norm of `values` as a scalar; returns it."""
+        tag = _check_tag(tag)
+        norm = _named(tag, lambda: l2_norm(to_numpy(values)))
+        self._summary([(tag, norm)], step, walltime)
+        return norm
+
+    def add_stats(self, tag: str, values: Any, step: int | None = None, walltime: float | None = None) -> Stats:
+        """Scalars `<tag>/norm`, `/mean`, `/std`, `/min`, `/max` (of the finite values) and
+        `/nonfinite` (the count of NaN and ±Inf); returns the Stats."""
+        tag = _check_tag(tag)
+        stats = _named(tag, lambda: summarize(to_numpy(values)))
+        fields = ("norm", stats.norm), ("mean", stats.mean), ("std", stats.std), ("min", stats.min), ("max", stats.max)
+        self._summary([(f"{tag}/{name}", value) for name, value in fields] + [(f"{tag}/nonfinite", stats.nonfinite)], step, walltime)
+        return stats
+
+    # -- histograms ----------------------------------------------------------------
+
+    def add_histogram(
+        self, tag: str, values: Any, step: int | None = None, bins: Bins = 30, walltime: float | None = None
+    ) -> Histogram:
+        """A histogram binned once by `normlog.histogram` (30 equal-width buckets by default,
+        as `tf.summary.histogram`); returns it. NaN and ±Inf are counted, not binned, and
+        their count is written as the scalar `<tag>/nonfinite` when there are any.
+        `values` may also be a `normlog.Histogram` computed before (say, merged from shards)."""
+        tag = _check_tag(tag)
+        hist = values if isinstance(values, Histogram) else _named(tag, lambda: histogram(to_numpy(values), bins))
+        limits, counts = _proto_buckets(hist)
+        self._open()
+        with self._lock:
+            self._tbx.add_histogram_raw(
+                tag, hist.min, hist.max, hist.num, hist.sum, hist.sum_squares, limits, counts, _step(step), walltime
+            )
+        if hist.nonfinite:
+            self._summary([(f"{tag}/nonfinite", hist.nonfinite)], step, walltime)
+        return hist
+
+    # -- images and text -----------------------------------------------------------
+
+    def add_image(
+        self, tag: str, image: Any, step: int | None = None, walltime: float | None = None, dataformats: str = "CHW"
+    ) -> None:
+        """An image: uint8 in [0, 255] or floats in [0, 1]; `dataformats` names the axes
+        ("CHW", "HWC", "HW", or "NCHW" for a grid of images), as in SummaryWriter."""
+        tag = _check_tag(tag)
+        hwc = _named(tag, lambda: _image_hwc(to_numpy(image), dataformats))
+        if hwc.shape[2] == 1:
+            hwc = np.repeat(hwc, 3, axis=2)
+        summary_pb2 = _tensorboardx().proto.summary_pb2
+        encoded = summary_pb2.Summary.Image(
+            height=hwc.shape[0], width=hwc.shape[1], colorspace=hwc.shape[2], encoded_image_string=_png(hwc)
+        )
+        self._emit(summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=_clean_tag(tag), image=encoded)]), step, walltime)
+
+    def add_figure(
+        self, tag: str, figure: Any, step: int | None = None, close: bool = True, walltime: float | None = None
+    ) -> None:
+        """A matplotlib figure, rendered with the Agg backend; closed afterwards by default."""
+        tag = _check_tag(tag)
+        if not hasattr(figure, "savefig"):
+            raise TypeError(f"normlog: tag {tag!r}: expected a matplotlib Figure, got {type(figure).__name__}")
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+        canvas = FigureCanvasAgg(figure)
+        canvas.draw()
+        rgba = np.asarray(canvas.buffer_rgba())
+        if close and "matplotlib.pyplot" in sys.modules:
+            sys.modules["matplotlib.pyplot"].close(figure)
+        self.add_image(tag, rgba, step, walltime, dataformats="HWC")
+
+    def add_text(self, tag: str, text: str, step: int | None = None, walltime: float | None = None) -> None:
+        """Markdown text, shown in TensorBoard's Text tab."""
+        tag = _check_tag(tag)
+        if not isinstance(text, str):
+            raise TypeError(f"normlog: tag {tag!r}: text must be a string, got {type(text).__name__}")
+        self._open()
+        with self._lock:
+            self._tbx.add_text(tag, text, _step(step), walltime)
+
+    # -- life cycle ----------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Make everything added so far durable on disk."""
+        with self._lock:
+            if self._closed:
+                return
+            for file_writer in (self._tbx.all_writers or {}).values():
+                _drain(file_writer.event_writer)
+
+    def close(self) -> None:
+        """Flush and close the event files. Calling it again does nothing."""
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._tbx.close()
+
+    def __enter__(self) -> Writer:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"normlog.Writer({self.logdir!r}{', closed' if self._closed else ''})"
+
+    # -- internals -------------------------------------------------------------------
+
+    def _open(self) -> None:
+        if self._closed:
+            raise ValueError(f"normlog: {self!r}: cannot add to a closed Writer")
+
+    def _summary(self, scalars: Iterable[tuple[str, float]], step: Any, walltime: float | None) -> None:
+        """Write several scalars as one event: one queue entry and one record, not one per tag."""
+        summary_pb2 = _tensorboardx().proto.summary_pb2
+        values = [summary_pb2.Summary.Value(tag=_clean_tag(tag), simple_value=value) for tag, value in scalars]
+        self._emit(summary_pb2.Summary(value=values), step, walltime)
+
+    def _emit(self, summary: Any, step: Any, walltime: float | None) -> None:
+        self._open()
+        with self._lock:
+            self._tbx.file_writer.add_summary(summary, _step(step), walltime)
+
+
+def _proto_buckets(hist: Histogram) -> tuple[list[float], list[int]]:
+    """Bucket limits and counts for HistogramProto, without the empty buckets at either end
+    (as tensorboardX writes them). TensorBoard draws bucket i from limit i-1 (`min` for the
+    first) to limit i (`max` for the last), so no edge is lost."""
+    filled = np.flatnonzero(hist.counts)
+    if not filled.size:
+        return [0.0], [0]
+    first, last = int(filled[0]), int(filled[-1])
+    return hist.bucket_limits[first : last + 1].tolist(), hist.counts[first : last + 1].tolist()

@@ -1,0 +1,48 @@
+"""Test helpers: the one skip rule for optional frameworks, and TensorBoard's own reader."""
+
+from __future__ import annotations
+
+import glob
+import importlib
+import os
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import pytest
+
+
+def requires(module: str) -> ModuleType:
+    """Import an optional framework, or skip the test without it.
+
+    NORMLOG_REQUIRE (comma-separated module names) turns that skip into a failure, so an
+    environment that must have the framework (CI, tox -e torch) cannot pass by skipping.
+    """
+    required = {name.strip() for name in os.environ.get("NORMLOG_REQUIRE", "").split(",") if name.strip()}
+    if module in required:
+        return importlib.import_module(module)
+    return pytest.importorskip(module)
+
+
+def event_files(logdir: str) -> list[str]:
+    return sorted(glob.glob(os.path.join(logdir, "**", "events.out.tfevents.*"), recursive=True))
+
+
+def read_events(path: str) -> Any:
+    """An EventAccumulator over one event file or run directory, with nothing sampled away."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(path, size_guidance={"scalars": 0, "histograms": 0, "images": 0, "tensors": 0})
+    accumulator.Reload()
+    return accumulator
+
+
+def scalars(accumulator: Any, tag: str) -> dict[int, float]:
+    return {event.step: event.value for event in accumulator.Scalars(tag)}
+
+
+def histogram_buckets(value: Any) -> np.ndarray:
+    """(left, right, count) rows, the way TensorBoard's histogram plugin reads a HistogramProto."""
+    rights = list(value.bucket_limit[:-1]) + [value.max]
+    lefts = [value.min] + list(value.bucket_limit[:-1])
+    return np.array([lefts, rights, list(value.bucket)], dtype=np.float64).T

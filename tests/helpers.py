@@ -43,6 +43,6 @@ def scalars(accumulator: Any, tag: str) -> dict[int, float]:
 
 def histogram_buckets(value: Any) -> np.ndarray:
     """(left, right, count) rows, the way TensorBoard's histogram plugin reads a HistogramProto."""
-    rights = list(value.bucket_limit[:-1]) + [value.max]
-    lefts = [value.min] + list(value.bucket_limit[:-1])
+    rights = [*value.bucket_limit[:-1], value.max]
+    lefts = [value.min, *value.bucket_limit[:-1]]
     return np.array([lefts, rights, list(value.bucket)], dtype=np.float64).T

@@ -7,9 +7,9 @@ import tracemalloc
 
 import numpy as np
 import pytest
-from helpers import requires
 
 import normlog
+from helpers import requires
 
 RNG = np.random.default_rng(1234)
 
@@ -233,7 +233,11 @@ def test_histograms_of_parts_merge_into_the_histogram_of_the_whole() -> None:
     np.testing.assert_array_equal(merged.edges, whole.edges)
     np.testing.assert_array_equal(merged.counts, whole.counts)
     assert (merged.min, merged.max, merged.num, merged.nan, merged.posinf) == (
-        whole.min, whole.max, whole.num, whole.nan, whole.posinf,
+        whole.min,
+        whole.max,
+        whole.num,
+        whole.nan,
+        whole.posinf,
     )
     assert merged.sum == pytest.approx(whole.sum, rel=1e-9, abs=1e-9)
     assert merged.sum_squares == pytest.approx(whole.sum_squares, rel=1e-12)
@@ -274,4 +278,8 @@ def test_hundred_million_elements_in_bounded_memory(contiguous: bool) -> None:
     assert hist.num + hist.nan == x.size
     assert peak < 80e6, f"peak extra memory {peak / 1e6:.0f} MB for a {x.nbytes / 1e6:.0f} MB input"
     if contiguous:
-        assert (hist.counts[0], hist.counts[-1], hist.nan) == (len(range(0, n, 1000)), n - len(range(0, n, 1000)) - 1, 1)
+        assert (hist.counts[0], hist.counts[-1], hist.nan) == (
+            len(range(0, n, 1000)),
+            n - len(range(0, n, 1000)) - 1,
+            1,
+        )

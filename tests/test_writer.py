@@ -10,9 +10,9 @@ import time
 
 import numpy as np
 import pytest
-from helpers import event_files, histogram_buckets, read_events, requires, scalars
 
 import normlog
+from helpers import event_files, read_events, requires, scalars
 
 RNG = np.random.default_rng(99)
 
@@ -80,7 +80,11 @@ def test_default_histogram_equals_tf_summary_histogram(tmp_path) -> None:
     tf = requires("tensorflow")
     from tensorboard.util import tensor_util
 
-    data = {"normal": RNG.normal(size=10_000), "skewed": RNG.exponential(size=3000) ** 3, "ints": RNG.integers(-5, 9, 999)}
+    data = {
+        "normal": RNG.normal(size=10_000),
+        "skewed": RNG.exponential(size=3000) ** 3,
+        "ints": RNG.integers(-5, 9, 999),
+    }
     tf_writer = tf.summary.create_file_writer(str(tmp_path / "tf"))
     with tf_writer.as_default():
         for tag, x in data.items():
@@ -285,7 +289,11 @@ def test_tensorflow_tensors_and_variables(tmp_path) -> None:
     tf = requires("tensorflow")
     x = RNG.normal(size=(20, 10)).astype(np.float32)
     with normlog.Writer(tmp_path) as writer:
-        for name, value in [("tensor", tf.constant(x)), ("variable", tf.Variable(x)), ("bf16", tf.cast(x, tf.bfloat16))]:
+        for name, value in [
+            ("tensor", tf.constant(x)),
+            ("variable", tf.Variable(x)),
+            ("bf16", tf.cast(x, tf.bfloat16)),
+        ]:
             expected = np.asarray(value).astype(np.float64)
             hist = writer.add_histogram(name, value, 0)
             np.testing.assert_array_equal(hist.counts, normlog.histogram(expected).counts)

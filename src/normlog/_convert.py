@@ -26,10 +26,10 @@ def _torch_to_numpy(tensor: Any) -> np.ndarray:
     if tensor.layout != torch.strided:  # sparse gradients (nn.Embedding(sparse=True))
         tensor = tensor.to_dense()
     if tensor.is_complex():
-        return tensor.cpu().numpy()  # the core names the dtype in its TypeError
+        return np.asarray(tensor.cpu().numpy())  # the core names the dtype in its TypeError
     if tensor.dtype not in (torch.float64, torch.float32, torch.float16) and tensor.is_floating_point():
         tensor = tensor.float()  # bfloat16 and float8 have no numpy dtype; float32 holds them exactly
-    return tensor.cpu().numpy()
+    return np.asarray(tensor.cpu().numpy())
 
 
 def to_numpy(value: Any) -> np.ndarray:

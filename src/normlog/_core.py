@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Union
 
@@ -19,6 +19,7 @@ import numpy as np
 __all__ = ["Histogram", "Stats", "histogram", "l2_norm", "summarize"]
 
 Bins = Union[int, str, Sequence[float], np.ndarray]
+_BucketIndex = Callable[[np.ndarray], np.ndarray]
 
 # 1M float64 values (8 MB) per chunk: large enough that numpy's per-call overhead vanishes,
 # small enough that a 100M-element tensor costs a few chunk-sized temporaries, not a copy.
@@ -288,7 +289,7 @@ def _check_bins(bins: Bins) -> int | np.ndarray:
     return edges
 
 
-def _equal_width_rule(count: int, lo: float, hi: float) -> tuple[np.ndarray, Any]:
+def _equal_width_rule(count: int, lo: float, hi: float) -> tuple[np.ndarray, _BucketIndex]:
     """Edges and bucket index of `tf.summary.histogram`: floor((x - lo) / width), in float64."""
     scale = 1.0
     if not math.isfinite(hi - lo):  # a range wider than the largest double: bin halves instead
@@ -303,6 +304,19 @@ def _equal_width_rule(count: int, lo: float, hi: float) -> tuple[np.ndarray, Any
         return np.floor(offsets / width)
 
     return edges, index
+
+
+def _binning(
+    rule: int | np.ndarray, finite: int, lo: float, hi: float, ranged: bool
+) -> tuple[np.ndarray, _BucketIndex | None]:
+    """Edges, and the function from finite values to bucket indices (None: all in the last)."""
+    if not isinstance(rule, int):
+        return rule, lambda values: np.searchsorted(rule, values, side="right") - 1
+    if not finite and not ranged:
+        return np.zeros(rule + 1), None
+    if lo == hi:
+        return np.array([lo, hi]), None
+    return _equal_width_rule(rule, lo, hi)
 
 
 def histogram(values: Any, bins: Bins = 30, range: tuple[float, float] | None = None) -> Histogram:  # noqa: A002
@@ -324,22 +338,10 @@ def histogram(values: Any, bins: Bins = 30, range: tuple[float, float] | None = 
     if range is not None and not (math.isfinite(lo) and math.isfinite(hi) and lo <= hi):
         raise ValueError(f"range must be two finite numbers with min <= max; got {range}")
 
-    if isinstance(rule, int):
-        if not stats.finite and range is None:
-            edges, index = np.zeros(rule + 1), None
-        elif lo == hi:
-            edges, index = np.array([lo, hi]), None
-        else:
-            edges, index = _equal_width_rule(rule, lo, hi)
-    else:
-        edges = rule
-
-        def index(finite: np.ndarray) -> np.ndarray:
-            return np.searchsorted(edges, finite, side="right") - 1
-
+    edges, index = _binning(rule, stats.finite, lo, hi, range is not None)
     buckets = edges.size - 1
     counts = np.zeros(buckets, dtype=np.int64)
-    if stats.finite and index is None:
+    if index is None:
         counts[-1] = stats.finite
     elif stats.finite:
         for chunk in _float64_chunks(array):

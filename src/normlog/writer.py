@@ -45,7 +45,7 @@ def _tensorboardx() -> ModuleType:
     finally:
         if hidden:
             del sys.modules["torch"]
-    return tensorboardX
+    return tensorboardX  # type: ignore[no-any-return]
 
 
 @functools.lru_cache(maxsize=4096)
@@ -183,8 +183,13 @@ class Writer:
         as in SummaryWriter."""
         main_tag = _check_tag(main_tag)
         if not isinstance(tag_scalar_dict, Mapping):
-            raise TypeError(f"normlog: tag {main_tag!r}: expected a dict of scalars, got {type(tag_scalar_dict).__name__}")
-        scalars = {_check_tag(key): _named(f"{main_tag}/{key}", lambda v=v: _to_float(v)) for key, v in tag_scalar_dict.items()}
+            raise TypeError(
+                f"normlog: tag {main_tag!r}: expected a dict of scalars, got {type(tag_scalar_dict).__name__}"
+            )
+        scalars = {
+            _check_tag(key): _named(f"{main_tag}/{key}", functools.partial(_to_float, v))
+            for key, v in tag_scalar_dict.items()
+        }
         self._open()
         with self._lock:
             self._tbx.add_scalars(main_tag, scalars, _step(step), walltime)
@@ -204,7 +209,11 @@ class Writer:
         tag = _check_tag(tag)
         stats = _named(tag, lambda: summarize(to_numpy(values)))
         fields = ("norm", stats.norm), ("mean", stats.mean), ("std", stats.std), ("min", stats.min), ("max", stats.max)
-        self._summary([(f"{tag}/{name}", value) for name, value in fields] + [(f"{tag}/nonfinite", stats.nonfinite)], step, walltime)
+        self._summary(
+            [(f"{tag}/{name}", value) for name, value in fields] + [(f"{tag}/nonfinite", stats.nonfinite)],
+            step,
+            walltime,
+        )
         return stats
 
     # -- histograms ----------------------------------------------------------------
@@ -243,7 +252,9 @@ class Writer:
         encoded = summary_pb2.Summary.Image(
             height=hwc.shape[0], width=hwc.shape[1], colorspace=hwc.shape[2], encoded_image_string=_png(hwc)
         )
-        self._emit(summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=_clean_tag(tag), image=encoded)]), step, walltime)
+        self._emit(
+            summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=_clean_tag(tag), image=encoded)]), step, walltime
+        )
 
     def add_figure(
         self, tag: str, figure: Any, step: int | None = None, close: bool = True, walltime: float | None = None
@@ -255,8 +266,8 @@ class Writer:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
 
         canvas = FigureCanvasAgg(figure)
-        canvas.draw()
-        rgba = np.asarray(canvas.buffer_rgba())
+        canvas.draw()  # type: ignore[no-untyped-call]
+        rgba = np.asarray(canvas.buffer_rgba())  # type: ignore[no-untyped-call]
         if close and "matplotlib.pyplot" in sys.modules:
             sys.modules["matplotlib.pyplot"].close(figure)
         self.add_image(tag, rgba, step, walltime, dataformats="HWC")
@@ -290,7 +301,9 @@ class Writer:
     def __enter__(self) -> Writer:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
     def __repr__(self) -> str:

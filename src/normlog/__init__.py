@@ -5,9 +5,34 @@ tensorboardX and matplotlib load only when a Writer or an adapter needs them. Th
 (`l2_norm`, `summarize`, `histogram`) is the reference every adapter must agree with.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 from normlog._core import Histogram, Stats, histogram, l2_norm, summarize
 from normlog.writer import Writer
 
-__all__ = ["Histogram", "Stats", "Writer", "histogram", "l2_norm", "summarize"]
+if TYPE_CHECKING:
+    from torch import nn
+
+    from normlog.torch import Watcher
+
+__all__ = ["Histogram", "Stats", "Writer", "histogram", "l2_norm", "summarize", "unwatch", "watch"]
+
+
+def watch(model: nn.Module, logdir: str | None = None, **options: Any) -> Watcher:
+    """Log a PyTorch model's gradient and weight norms and histograms: see `normlog.torch.watch`."""
+    from normlog.torch import watch as watch_torch  # imports torch only now
+
+    return watch_torch(model, logdir, **options)
+
+
+def unwatch(model: nn.Module) -> None:
+    """Remove the hooks `normlog.watch` installed on `model`."""
+    if "normlog.torch" in __import__("sys").modules:
+        from normlog.torch import unwatch as unwatch_torch
+
+        unwatch_torch(model)
+
 
 __version__ = "0.1.0"

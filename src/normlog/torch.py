@@ -1,0 +1,379 @@
+"""PyTorch adapter: `watch(model)` logs per-parameter gradient and weight norms and histograms.
+
+Rules: statistics are reduced where the tensors live (batched foreach norms; histograms
+counted on the device with the core's bucket rule in float64) and cross to the host as one
+small tensor per logged step; steps that are not logged never wait for the device. The
+numbers are the core's: edges come from `normlog._core`, and tests compare the two. A
+failure inside logging warns once and training goes on, unless `strict=True`.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from normlog._core import Histogram, _binning
+from normlog.writer import Writer
+
+__all__ = ["Watcher", "unwatch", "watch"]
+
+Log = Literal["gradients", "parameters", "all"]
+
+# model -> its Watcher; weak so that watching never keeps a model alive.
+_WATCHERS: weakref.WeakKeyDictionary[nn.Module, Watcher] = weakref.WeakKeyDictionary()
+
+
+def _norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """L2 norm of each tensor as one float64 vector on the first tensor's device: one
+    foreach launch per (device, dtype) group, accumulated in float32 (float64 for float64)."""
+    if not tensors:
+        return torch.zeros(0, dtype=torch.float64)
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, tensor in enumerate(tensors):
+        groups.setdefault((tensor.device, tensor.dtype), []).append(i)
+    out = torch.empty(len(tensors), dtype=torch.float64, device=tensors[0].device)
+    for (_, dtype), indices in groups.items():
+        accumulate = torch.float64 if dtype == torch.float64 else torch.float32
+        dense = [tensors[i] for i in indices]
+        norms = torch._foreach_norm(dense, 2, dtype=accumulate)
+        out[torch.tensor(indices, device=out.device)] = torch.stack(norms).to(out.device, torch.float64)
+    return out
+
+
+def _histogram_row(tensor: torch.Tensor, bins: int, mask_nonfinite: bool) -> torch.Tensor:
+    """[min, max, sum, sum_squares, finite, nan, posinf, neginf, counts...] of one tensor, in
+    float64 on its device, bucketed as `normlog.histogram(values, bins)` does."""
+    values = tensor.detach().reshape(-1).to(torch.float64)
+    size = values.numel()
+    counts_nonfinite = [values.new_zeros(())] * 3
+    if mask_nonfinite:
+        finite = torch.isfinite(values)
+        counts_nonfinite = [torch.isnan(values).sum(), (values == math.inf).sum(), (values == -math.inf).sum()]
+        values = values[finite]
+        size = values.numel()
+    if size == 0:
+        head = values.new_zeros(5)
+        return torch.cat([head, torch.stack(counts_nonfinite).to(values), values.new_zeros(bins)])
+    lo, hi = torch.aminmax(values)
+    # The core's rule: floor((x - min) / width) in float64, clamped to the last bucket.
+    width = torch.where(hi > lo, (hi - lo) / bins, torch.ones_like(lo))
+    index = ((values - lo) / width).floor_().to(torch.int64).clamp_(0, bins - 1)
+    counts = torch.bincount(index, minlength=bins).to(torch.float64)
+    stats = torch.stack([lo, hi, values.sum(), values.dot(values), values.new_tensor(float(size))])
+    return torch.cat([stats, torch.stack(counts_nonfinite).to(values), counts])
+
+
+def _histogram_from_row(row: np.ndarray, bins: int) -> Histogram:
+    lo, hi, total, sum_squares, finite, nan, posinf, neginf = row[:8]
+    edges, index = _binning(bins, int(finite), float(lo), float(hi), False)
+    counts = row[8:].astype(np.int64)
+    if index is None:  # constant or empty: the core's one bucket [c, c], or empty buckets at 0
+        counts = np.zeros(edges.size - 1, dtype=np.int64)
+        counts[-1] = int(finite)
+    return Histogram(
+        edges=edges,
+        counts=counts,
+        min=float(lo),
+        max=float(hi),
+        num=int(finite),
+        sum=float(total),
+        sum_squares=float(sum_squares),
+        nan=int(nan),
+        posinf=int(posinf),
+        neginf=int(neginf),
+    )
+
+
+def _dense(tensor: torch.Tensor) -> torch.Tensor:
+    if tensor.layout == torch.strided:
+        return tensor.detach()
+    return tensor.detach().coalesce().to_dense()  # sparse gradients of nn.Embedding(sparse=True)
+
+
+@dataclass
+class _Pending:
+    """A logged step's reductions, started on the device and not yet read."""
+
+    step: int
+    groups: list[tuple[str, list[str], list[torch.Tensor]]]
+    tensors: list[torch.Tensor]
+    pieces: list[torch.Tensor]
+    histograms: bool
+    update_norms: torch.Tensor | None = None
+
+
+class Watcher:
+    """The hooks `watch` installs, and the step they count. Use `watch()` to make one."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        writer: Writer,
+        *,
+        owns_writer: bool,
+        log: Log,
+        every: int,
+        histogram_every: int | None,
+        optimizer: torch.optim.Optimizer | None,
+        bins: int,
+        log_activations: bool,
+        strict: bool,
+    ) -> None:
+        if log not in ("gradients", "parameters", "all"):
+            raise ValueError(f"log must be 'gradients', 'parameters' or 'all', got {log!r}")
+        if not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be a positive int, got {every!r}")
+        if histogram_every is not None and (not isinstance(histogram_every, int) or histogram_every < 1):
+            raise ValueError(f"histogram_every must be a positive int or None, got {histogram_every!r}")
+        self.writer = writer
+        self.step = 0
+        self._owns_writer = owns_writer
+        self._model = weakref.ref(model)
+        self._log_gradients = log in ("gradients", "all")
+        self._log_parameters = log in ("parameters", "all")
+        self._every = every
+        self._histogram_every = histogram_every
+        self._bins = bins
+        self._strict = strict
+        self._warned: set[str] = set()
+        self._handles: list[RemovableHandle] = []
+        self._params = [(name, p) for name, p in model.named_parameters()]
+        self._backward_queued = False
+        self._before: list[torch.Tensor] | None = None
+        self._pending: _Pending | None = None
+        self._pending_optimizer = optimizer is not None
+        self._activations: list[tuple[str, torch.Tensor]] = []
+
+        if optimizer is not None:
+            watched = {id(p) for _, p in self._params}
+            if not any(id(p) in watched for group in optimizer.param_groups for p in group["params"]):
+                raise ValueError("the optimizer updates none of the model's parameters")
+            self._handles.append(optimizer.register_step_pre_hook(self._before_optimizer_step))
+            self._handles.append(optimizer.register_step_post_hook(self._after_optimizer_step))
+        else:
+            for _, param in self._params:
+                if param.requires_grad:
+                    self._handles.append(param.register_post_accumulate_grad_hook(self._on_grad_accumulated))  # type: ignore[no-untyped-call]
+        if log_activations:
+            for name, module in model.named_modules():
+                if not any(True for _ in module.children()):
+                    self._handles.append(module.register_forward_hook(self._activation_hook(name)))
+
+    # -- when a step happens ---------------------------------------------------------
+
+    def _logged(self) -> tuple[bool, bool]:
+        histograms = self._histogram_every is not None and self.step % self._histogram_every == 0
+        return self.step % self._every == 0 or histograms, histograms
+
+    def _on_grad_accumulated(self, _: torch.Tensor) -> None:
+        # Runs once per parameter per backward pass; the callback runs once, after all of them.
+        if not self._backward_queued:
+            self._backward_queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._after_backward)
+
+    def _after_backward(self) -> None:
+        self._backward_queued = False
+        try:
+            self._safely(self._log_backward)
+        finally:
+            self.step += 1
+
+    def _log_backward(self) -> None:
+        pending = self._reduce()
+        if pending is not None:
+            self._finish(pending)
+
+    def _before_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        self._pending = self._before = None
+        self._safely(self._start_optimizer_step)
+
+    def _start_optimizer_step(self) -> None:
+        self._pending = self._reduce()
+        if self._pending is not None and self._log_parameters:
+            self._before = [p.detach().clone() for _, p in self._params if p.grad is not None]
+
+    def _after_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        try:
+            self._safely(self._finish_optimizer_step)
+        finally:
+            self._pending = self._before = None
+            self.step += 1
+
+    def _finish_optimizer_step(self) -> None:
+        pending, before = self._pending, self._before
+        if pending is None:
+            return
+        if before is not None:
+            after = [p.detach() for _, p in self._params if p.grad is not None]
+            pending.update_norms = _norms(torch._foreach_sub(after, before))
+        self._finish(pending)
+
+    def _activation_hook(self, name: str) -> Callable[[nn.Module, Any, Any], None]:
+        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            if isinstance(output, torch.Tensor) and self._logged()[0] and torch.is_grad_enabled():
+                self._activations.append((name or "output", output.detach()))
+
+        return hook
+
+    # -- what a logged step records ----------------------------------------------------
+
+    def _reduce(self) -> _Pending | None:
+        """Start the reductions of a logged step on the device; nothing waits for them yet."""
+        logged, histograms = self._logged()
+        activations, self._activations = self._activations, []
+        if not logged:
+            return None
+        groups: list[tuple[str, list[str], list[torch.Tensor]]] = []
+        with_grad = [(name, p) for name, p in self._params if p.grad is not None]
+        if self._log_gradients:
+            grads = [_dense(p.grad) for _, p in with_grad]  # type: ignore[arg-type]
+            groups.append(("gradients", [n for n, _ in with_grad], grads))
+        if self._log_parameters:
+            params = with_grad if self._pending_optimizer else self._params
+            groups.append(("parameters", [n for n, _ in params], [p.detach() for _, p in params]))
+        if activations:
+            groups.append(("activations", [n for n, _ in activations], [a for _, a in activations]))
+        tensors = [t for _, _, ts in groups for t in ts]
+        if not tensors:
+            return None
+        pieces = [_norms(tensors)]
+        if histograms:
+            pieces += [_histogram_row(t, self._bins, mask_nonfinite=False) for t in tensors]
+        return _Pending(self.step, groups, tensors, pieces, histograms)
+
+    def _finish(self, pending: _Pending) -> None:
+        """The one device-to-host transfer of a logged step, then the writing."""
+        pieces = pending.pieces if pending.update_norms is None else [*pending.pieces, pending.update_norms]
+        device = pending.tensors[0].device
+        host = torch.cat([piece.to(device) for piece in pieces]).cpu().numpy()
+        count, width = len(pending.tensors), 8 + self._bins
+        norms = host[:count]
+        rows = [host[count + i * width : count + (i + 1) * width] for i in range(count)] if pending.histograms else []
+        update_norms = host[count + len(rows) * width :]
+        step = pending.step
+        scalars: list[tuple[str, float]] = []
+        parameter_norms: dict[str, float] = {}
+        index = 0
+        for kind, names, _ in pending.groups:
+            squares = 0.0
+            for name in names:
+                norm = float(norms[index])
+                scalars.append((f"{kind}/{name}/norm", norm))
+                squares += norm * norm
+                if kind == "parameters":
+                    parameter_norms[name] = norm
+                if not math.isfinite(norm):
+                    # Rare: NaN/Inf present (or a float32 overflow). Count them on the device.
+                    row = _histogram_row(pending.tensors[index], self._bins, mask_nonfinite=True).cpu().numpy()
+                    nonfinite = int(row[5:8].sum())
+                    if nonfinite:
+                        scalars.append((f"{kind}/{name}/nonfinite", nonfinite))
+                        self._warn_once(
+                            f"nonfinite:{kind}/{name}",
+                            f"normlog: {nonfinite} NaN/Inf values in the {kind} of {name!r} at step {step}",
+                        )
+                    if rows:
+                        rows[index] = row
+                if rows:
+                    self.writer.add_histogram(f"{kind}/{name}", _histogram_from_row(rows[index], self._bins), step)
+                index += 1
+            if kind == "gradients":
+                scalars.append(("gradients/global_norm", math.sqrt(squares)))
+        if pending.update_norms is not None:
+            updated = [n for n, p in self._params if p.grad is not None]
+            for name, update in zip(updated, update_norms):
+                weight = parameter_norms.get(name, math.nan)
+                scalars.append((f"updates/{name}/ratio", float(update) / weight if weight else math.inf))
+        self.writer._summary(scalars, step, None)
+
+    # -- errors and life cycle -----------------------------------------------------------
+
+    def _safely(self, log: Callable[[], None]) -> None:
+        """Never break training: a failure warns once (with its cause) unless strict=True."""
+        try:
+            log()
+        except Exception as error:
+            if self._strict:
+                raise
+            self._warn_once("error", f"normlog: logging failed at step {self.step} and is skipped: {error!r}")
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+    def unwatch(self) -> None:
+        """Remove every hook; close the writer if `watch` made it."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        model = self._model()
+        if model is not None and _WATCHERS.get(model) is self:
+            del _WATCHERS[model]
+        if self._owns_writer:
+            self.writer.close()
+
+    def __enter__(self) -> Watcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.unwatch()
+
+
+def watch(
+    model: nn.Module,
+    logdir: str | None = None,
+    *,
+    writer: Writer | None = None,
+    log: Log = "all",
+    every: int = 1,
+    histogram_every: int | None = 100,
+    optimizer: torch.optim.Optimizer | None = None,
+    bins: int = 30,
+    log_activations: bool = False,
+    strict: bool = False,
+) -> Watcher:
+    """Log `model`'s gradient and weight norms every `every` steps and histograms every
+    `histogram_every` steps, to `logdir` (or to `writer`).
+
+    With `optimizer`, a step is one `optimizer.step()`: gradients are read just before it,
+    after accumulation, DDP's all-reduce and GradScaler's unscaling, and update ratios are
+    logged. Without it, a step is one backward pass through the model.
+    Watching a model again replaces its hooks.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"normlog.watch expects a torch.nn.Module, got {type(model).__name__}")
+    if writer is not None and logdir is not None:
+        raise ValueError("pass logdir or writer, not both")
+    unwatch(model)
+    owns_writer = writer is None
+    watcher = Watcher(
+        model,
+        writer if writer is not None else Writer(logdir),
+        owns_writer=owns_writer,
+        log=log,
+        every=every,
+        histogram_every=histogram_every,
+        optimizer=optimizer,
+        bins=bins,
+        log_activations=log_activations,
+        strict=strict,
+    )
+    _WATCHERS[model] = watcher
+    return watcher
+
+
+def unwatch(model: nn.Module) -> None:
+    """Remove the hooks `watch` installed on `model`, if any."""
+    watcher = _WATCHERS.get(model)
+    if watcher is not None:
+        watcher.unwatch()

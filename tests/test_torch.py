@@ -1,0 +1,307 @@
+"""normlog.watch on PyTorch models, against torch and the core computed independently."""
+
+from __future__ import annotations
+
+import gc
+import math
+import warnings
+import weakref
+
+import numpy as np
+import pytest
+
+from helpers import read_events, requires, scalars
+
+torch = requires("torch")
+from torch import nn  # noqa: E402
+
+import normlog  # noqa: E402
+
+
+def make_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 1))
+
+
+def batch(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(32, 6, generator=generator), torch.randn(32, 1, generator=generator)
+
+
+def train(model: nn.Module, optimizer: torch.optim.Optimizer, steps: int, accumulate: int = 1) -> list[dict]:
+    """Train and return, for each optimizer step, what torch says each gradient's norm is."""
+    seen = []
+    for step in range(steps):
+        optimizer.zero_grad()
+        for micro in range(accumulate):
+            x, y = batch(step * accumulate + micro)
+            nn.functional.mse_loss(model(x), y).backward()
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        seen.append(
+            {
+                "norms": {n: p.grad.norm().item() for n, p in model.named_parameters() if p.grad is not None},
+                "total": torch.nn.utils.get_total_norm(grads).item(),
+                "grads": {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+                "weights": {n: p.detach().clone() for n, p in model.named_parameters()},
+            }
+        )
+        optimizer.step()
+    return seen
+
+
+def test_gradient_norms_equal_torch_and_global_norm_equals_get_total_norm(tmp_path) -> None:
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    with normlog.watch(model, str(tmp_path), optimizer=optimizer):
+        seen = train(model, optimizer, steps=5)
+    events = read_events(str(tmp_path))
+    for step, expected in enumerate(seen):
+        for name, norm in expected["norms"].items():
+            assert scalars(events, f"gradients/{name}/norm")[step] == pytest.approx(norm, rel=1e-6)
+            weight = expected["weights"][name].norm().item()
+            assert scalars(events, f"parameters/{name}/norm")[step] == pytest.approx(weight, rel=1e-6)
+        assert scalars(events, "gradients/global_norm")[step] == pytest.approx(expected["total"], rel=1e-6)
+
+
+def test_update_ratio_is_the_relative_size_of_each_step(tmp_path) -> None:
+    model = make_model()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    with normlog.watch(model, str(tmp_path), optimizer=optimizer):
+        seen = train(model, optimizer, steps=3)
+    final = {n: p.detach() for n, p in model.named_parameters()}
+    events = read_events(str(tmp_path))
+    for step in range(3):
+        for name, before in seen[step]["weights"].items():
+            after = seen[step + 1]["weights"][name] if step + 1 < 3 else final[name]
+            expected = (after - before).norm().item() / before.norm().item()
+            assert scalars(events, f"updates/{name}/ratio")[step] == pytest.approx(expected, rel=1e-5)
+
+
+def test_device_histograms_give_the_cores_numbers(tmp_path) -> None:
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    with normlog.watch(model, str(tmp_path), optimizer=optimizer, histogram_every=2):
+        seen = train(model, optimizer, steps=3)
+    events = read_events(str(tmp_path))
+    for step in (0, 2):
+        for name, grad in seen[step]["grads"].items():
+            (event,) = [e for e in events.Histograms(f"gradients/{name}") if e.step == step]
+            core = normlog.histogram(grad.numpy())
+            value = event.histogram_value
+            filled = np.flatnonzero(core.counts)
+            np.testing.assert_array_equal(value.bucket, core.counts[filled[0] : filled[-1] + 1])
+            np.testing.assert_array_equal(value.bucket_limit, core.bucket_limits[filled[0] : filled[-1] + 1])
+            assert (value.min, value.max, value.num) == (core.min, core.max, core.num)
+            assert value.sum == pytest.approx(core.sum, rel=1e-9, abs=1e-12)
+            assert value.sum_squares == pytest.approx(core.sum_squares, rel=1e-9)
+    assert [e.step for e in events.Histograms("parameters/0.weight")] == [0, 2]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "float64"])
+def test_device_histogram_row_matches_the_core_exactly(dtype: str) -> None:
+    from normlog.torch import _histogram_from_row, _histogram_row
+
+    values = torch.randn(10_000, generator=torch.Generator().manual_seed(3)).to(getattr(torch, dtype))
+    values[::97] = 0.0
+    expected = normlog.histogram(values.double().numpy())
+    for mask in (False, True):
+        got = _histogram_from_row(_histogram_row(values, 30, mask).numpy(), 30)
+        np.testing.assert_array_equal(got.edges, expected.edges)
+        np.testing.assert_array_equal(got.counts, expected.counts)
+        assert (got.min, got.max, got.num) == (expected.min, expected.max, expected.num)
+
+
+def test_device_histogram_of_nonfinite_constant_and_empty_tensors() -> None:
+    from normlog.torch import _histogram_from_row, _histogram_row
+
+    cases = [
+        torch.tensor([1.0, float("nan"), 3.0, float("inf"), -float("inf"), 2.0]),
+        torch.full((7,), 0.25),
+        torch.tensor([float("nan")] * 4),
+        torch.zeros(0),
+    ]
+    for values in cases:
+        got = _histogram_from_row(_histogram_row(values, 30, mask_nonfinite=True).numpy(), 30)
+        expected = normlog.histogram(values.numpy())
+        np.testing.assert_array_equal(got.edges, expected.edges)
+        np.testing.assert_array_equal(got.counts, expected.counts)
+        assert (got.min, got.max, got.num, got.nan, got.posinf, got.neginf) == (
+            expected.min,
+            expected.max,
+            expected.num,
+            expected.nan,
+            expected.posinf,
+            expected.neginf,
+        ), values
+        assert (got.sum, got.sum_squares) == pytest.approx((expected.sum, expected.sum_squares), rel=1e-12)
+
+
+def test_gradient_accumulation_logs_once_per_optimizer_step(tmp_path) -> None:
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    with normlog.watch(model, str(tmp_path), optimizer=optimizer):
+        seen = train(model, optimizer, steps=3, accumulate=4)
+    logged = scalars(read_events(str(tmp_path)), "gradients/0.weight/norm")
+    assert sorted(logged) == [0, 1, 2]
+    for step in range(3):
+        assert logged[step] == pytest.approx(seen[step]["norms"]["0.weight"], rel=1e-6)
+
+
+def test_without_an_optimizer_a_step_is_one_backward_pass(tmp_path) -> None:
+    model = make_model()
+    with normlog.watch(model, str(tmp_path), every=2, histogram_every=None) as watcher:
+        norms = []
+        for step in range(5):
+            model.zero_grad()
+            x, y = batch(step)
+            nn.functional.mse_loss(model(x), y).backward()
+            norms.append(model[0].weight.grad.norm().item())
+        assert watcher.step == 5
+    events = read_events(str(tmp_path))
+    logged = scalars(events, "gradients/0.weight/norm")
+    assert sorted(logged) == [0, 2, 4]
+    assert all(logged[s] == pytest.approx(norms[s], rel=1e-6) for s in logged)
+    assert events.Tags()["histograms"] == []
+
+
+def test_every_and_histogram_every_pick_the_logged_steps(tmp_path) -> None:
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    with normlog.watch(model, str(tmp_path), optimizer=optimizer, every=3, histogram_every=4):
+        train(model, optimizer, steps=9)
+    events = read_events(str(tmp_path))
+    assert sorted(scalars(events, "gradients/global_norm")) == [0, 3, 4, 6, 8]
+    assert [e.step for e in events.Histograms("gradients/0.weight")] == [0, 4, 8]
+
+
+def test_frozen_unused_sparse_and_half_precision_parameters(tmp_path) -> None:
+    class Mixed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(50, 8, sparse=True)
+            self.frozen = nn.Linear(8, 8)
+            self.frozen.requires_grad_(False)
+            self.unused = nn.Linear(8, 8)
+            self.low = nn.Linear(8, 8).to(torch.bfloat16)
+            self.head = nn.Linear(8, 1)
+
+        def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+            h = self.frozen(self.embed(tokens).mean(1))
+            return self.head(self.low(h.to(torch.bfloat16)).float())
+
+    torch.manual_seed(0)
+    model = Mixed()
+    tokens = torch.randint(0, 50, (4, 5))
+    with normlog.watch(model, str(tmp_path), histogram_every=1, strict=True):
+        model(tokens).sum().backward()
+    events = read_events(str(tmp_path))
+    tags = set(events.Tags()["scalars"])
+    dense = model.embed.weight.grad.to_dense()
+    assert scalars(events, "gradients/embed.weight/norm")[0] == pytest.approx(dense.norm().item(), rel=1e-6)
+    half_norm = model.low.weight.grad.float().norm().item()
+    assert scalars(events, "gradients/low.weight/norm")[0] == pytest.approx(half_norm, rel=1e-3)
+    assert "gradients/frozen.weight/norm" not in tags and "gradients/unused.weight/norm" not in tags
+    assert {"parameters/frozen.weight/norm", "parameters/unused.weight/norm"} <= tags
+    assert "gradients/embed.weight" in events.Tags()["histograms"]
+
+
+def test_nonfinite_gradients_are_counted_and_warned_about(tmp_path) -> None:
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    with normlog.watch(model, str(tmp_path), optimizer=optimizer, histogram_every=1):
+        x, y = batch(0)
+        nn.functional.mse_loss(model(x), y).backward()
+        model[2].weight.grad[0, :3] = float("nan")
+        model[2].weight.grad[1, 0] = float("inf")
+        with pytest.warns(RuntimeWarning, match=r"4 NaN/Inf values in the gradients of '2.weight' at step 0"):
+            optimizer.step()
+    events = read_events(str(tmp_path))
+    assert scalars(events, "gradients/2.weight/nonfinite") == {0: 4.0}
+    assert math.isnan(scalars(events, "gradients/2.weight/norm")[0])
+    value = events.Histograms("gradients/2.weight")[0].histogram_value
+    assert value.num == 16 * 16 - 4 and math.isfinite(value.sum)
+
+
+def test_rewatching_replaces_hooks_and_unwatch_removes_them(tmp_path) -> None:
+    model = make_model()
+    first = normlog.watch(model, str(tmp_path / "a"))
+    second = normlog.watch(model, str(tmp_path / "b"))
+    x, y = batch(0)
+    nn.functional.mse_loss(model(x), y).backward()
+    assert (first.step, second.step) == (0, 1)
+    normlog.unwatch(model)
+    model.zero_grad()
+    nn.functional.mse_loss(model(x), y).backward()
+    assert second.step == 1
+    assert all(not p._post_accumulate_grad_hooks for p in model.parameters())
+
+
+def test_an_unwatched_model_is_garbage_collected(tmp_path) -> None:
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    watcher = normlog.watch(model, str(tmp_path), optimizer=optimizer)
+    train(model, optimizer, steps=1)
+    watcher.unwatch()
+    ref = weakref.ref(model)
+    del model, optimizer, watcher
+    gc.collect()
+    assert ref() is None
+
+
+def test_a_failure_inside_logging_warns_once_and_training_goes_on(tmp_path) -> None:
+    model = make_model()
+    watcher = normlog.watch(model, str(tmp_path))
+    watcher.writer.close()  # every write now fails
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(3):
+            model.zero_grad()
+            x, y = batch(step)
+            nn.functional.mse_loss(model(x), y).backward()
+    messages = [str(w.message) for w in caught if "normlog" in str(w.message)]
+    assert len(messages) == 1 and "logging failed at step 0" in messages[0]
+    assert watcher.step == 3
+
+
+def test_strict_raises_instead(tmp_path) -> None:
+    model = make_model()
+    watcher = normlog.watch(model, str(tmp_path), strict=True)
+    watcher.writer.close()
+    x, y = batch(0)
+    with pytest.raises(ValueError, match="closed"):
+        nn.functional.mse_loss(model(x), y).backward()
+
+
+def test_log_activations_records_leaf_module_outputs(tmp_path) -> None:
+    model = make_model()
+    with normlog.watch(model, str(tmp_path), log_activations=True, histogram_every=1):
+        x, y = batch(0)
+        out = model(x)
+        hidden = torch.tanh(model[0](x))
+        nn.functional.mse_loss(out, y).backward()
+    events = read_events(str(tmp_path))
+    assert scalars(events, "activations/1/norm")[0] == pytest.approx(hidden.norm().item(), rel=1e-6)
+    assert "activations/4" in events.Tags()["histograms"]
+
+
+def test_watching_a_compiled_model_adds_no_graph_breaks(tmp_path) -> None:
+    from torch._dynamo.utils import counters
+
+    def breaks(watched: bool) -> int:
+        torch._dynamo.reset()
+        counters.clear()
+        model = make_model()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        compiled = torch.compile(model, backend="aot_eager")
+        watcher = normlog.watch(model, str(tmp_path / str(watched)), optimizer=optimizer) if watched else None
+        for step in range(3):
+            optimizer.zero_grad()
+            x, y = batch(step)
+            nn.functional.mse_loss(compiled(x), y).backward()
+            optimizer.step()
+        if watcher is not None:
+            watcher.unwatch()
+            assert sorted(scalars(read_events(str(tmp_path / "True")), "gradients/global_norm")) == [0, 1, 2]
+        return sum(counters["graph_break"].values())
+
+    assert breaks(watched=True) == breaks(watched=False)

@@ -1,0 +1,132 @@
+"""Overhead of normlog.watch per training step, against plain training and the usual tutorial loop.
+
+Every mode trains its own copy of the same model on the same batch; the modes are
+interleaved round by round in one process, so drift in machine load hits them alike.
+Prints median step times and ratios to plain training.
+
+    python benchmarks/bench_torch.py             # CPU config: ~7.4M-parameter LM, 53 tensors
+    python benchmarks/bench_torch.py --gpu       # GPT-2-sized LM, bf16 autocast, fused AdamW
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+import normlog
+
+
+class LM(nn.Module):
+    def __init__(self, vocab: int, dim: int, layers: int, heads: int, context: int) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.position = nn.Parameter(torch.zeros(context, dim))
+        layer = nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout=0.0, batch_first=True, norm_first=True)
+        self.body = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, vocab, bias=False)
+        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(context), persistent=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.body(self.embed(tokens) + self.position, mask=self.mask, is_causal=True)
+        return self.head(self.norm(h))
+
+
+def make(gpu: bool) -> tuple[nn.Module, torch.optim.Optimizer, torch.Tensor]:
+    torch.manual_seed(0)
+    vocab, dim, layers, heads, context, batch = (50257, 768, 12, 12, 512, 8) if gpu else (8192, 256, 4, 4, 128, 4)
+    device = "cuda" if gpu else "cpu"
+    model = LM(vocab, dim, layers, heads, context).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=gpu)
+    tokens = torch.randint(0, vocab, (batch, context), device=device)
+    return model, optimizer, tokens
+
+
+def step(model: nn.Module, optimizer: torch.optim.Optimizer, tokens: torch.Tensor, gpu: bool) -> None:
+    with torch.autocast("cuda" if gpu else "cpu", dtype=torch.bfloat16, enabled=gpu):
+        logits = model(tokens)
+        loss = nn.functional.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten())
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+def tutorial_loop(model: nn.Module, logdir: str) -> Callable[[int], None]:
+    """What the tutorials teach: tensorboardX add_histogram of every gradient and weight."""
+    from tensorboardX import SummaryWriter
+
+    writer = SummaryWriter(logdir)
+
+    def log(i: int) -> None:
+        for name, p in model.named_parameters():
+            writer.add_histogram(f"{name}/grad", p.grad.float().cpu().numpy(), i)
+            writer.add_histogram(name, p.detach().float().cpu().numpy(), i)
+            writer.add_scalar(f"{name}/grad_norm", p.grad.norm().item(), i)
+
+    return log
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gpu", action="store_true")
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per mode per round")
+    args = parser.parse_args()
+    sync = torch.cuda.synchronize if args.gpu else (lambda: None)
+    root = tempfile.mkdtemp(prefix="normlog-bench-")
+
+    modes: dict[str, tuple[nn.Module, torch.optim.Optimizer, torch.Tensor, Callable[[int], None]]] = {}
+    for mode in (
+        "plain",
+        "watch all, histograms every step",
+        "norms only, every step",
+        "watch defaults",
+        "tutorial loop",
+    ):
+        model, optimizer, tokens = make(args.gpu)
+        extra: Callable[[int], None] = lambda i: None
+        logdir = f"{root}/{len(modes)}"
+        if mode == "watch all, histograms every step":
+            normlog.watch(model, logdir, optimizer=optimizer, log="all", every=1, histogram_every=1)
+        elif mode == "norms only, every step":
+            normlog.watch(model, logdir, optimizer=optimizer, log="all", every=1, histogram_every=None)
+        elif mode == "watch defaults":
+            normlog.watch(model, logdir, optimizer=optimizer)
+        elif mode == "tutorial loop":
+            extra = tutorial_loop(model, logdir)
+        modes[mode] = (model, optimizer, tokens, extra)
+
+    times: dict[str, list[float]] = {mode: [] for mode in modes}
+    counters = dict.fromkeys(modes, 0)
+    for round_ in range(args.rounds + 1):  # round 0 warms up
+        for mode, (model, optimizer, tokens, extra) in modes.items():
+            for _ in range(args.steps):
+                sync()
+                start = time.perf_counter()
+                step(model, optimizer, tokens, args.gpu)
+                extra(counters[mode])
+                sync()
+                counters[mode] += 1
+                if round_:
+                    times[mode].append(time.perf_counter() - start)
+
+    parameters = sum(p.numel() for p in modes["plain"][0].parameters())
+    tensors = len(list(modes["plain"][0].parameters()))
+    device = torch.cuda.get_device_name() if args.gpu else f"CPU, {torch.get_num_threads()} threads"
+    print(f"{'GPU' if args.gpu else 'CPU'} config: {parameters / 1e6:.1f}M parameters in {tensors} tensors; {device}")
+    print(f"median of {args.rounds * args.steps} steps per mode, interleaved over {args.rounds} rounds\n")
+    plain = statistics.median(times["plain"])
+    print(f"| mode | step (ms) | vs plain |\n| --- | ---: | ---: |")
+    for mode, samples in times.items():
+        median = statistics.median(samples)
+        print(f"| {mode} | {median * 1e3:.1f} | {median / plain:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

@@ -122,7 +122,7 @@ def main() -> None:
     print(f"{'GPU' if args.gpu else 'CPU'} config: {parameters / 1e6:.1f}M parameters in {tensors} tensors; {device}")
     print(f"median of {args.rounds * args.steps} steps per mode, interleaved over {args.rounds} rounds\n")
     plain = statistics.median(times["plain"])
-    print(f"| mode | step (ms) | vs plain |\n| --- | ---: | ---: |")
+    print("| mode | step (ms) | vs plain |\n| --- | ---: | ---: |")
     for mode, samples in times.items():
         median = statistics.median(samples)
         print(f"| {mode} | {median * 1e3:.1f} | {median / plain:.2f}x |")

@@ -7,6 +7,7 @@ tensorboardX and matplotlib load only when a Writer or an adapter needs them. Th
 
 from __future__ import annotations
 
+import sys
 from typing import TYPE_CHECKING, Any
 
 from normlog._core import Histogram, Stats, histogram, l2_norm, summarize
@@ -29,7 +30,7 @@ def watch(model: nn.Module, logdir: str | None = None, **options: Any) -> Watche
 
 def unwatch(model: nn.Module) -> None:
     """Remove the hooks `normlog.watch` installed on `model`."""
-    if "normlog.torch" in __import__("sys").modules:
+    if "normlog.torch" in sys.modules:  # never watched: nothing to remove, and no torch import
         from normlog.torch import unwatch as unwatch_torch
 
         unwatch_torch(model)

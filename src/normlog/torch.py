@@ -108,6 +108,9 @@ class _Pending:
     tensors: list[torch.Tensor]
     pieces: list[torch.Tensor]
     histograms: bool
+    # the parameters that had a gradient: the before/after snapshots and the ratios follow this order
+    updated: list[tuple[str, nn.Parameter]]
+    before: list[torch.Tensor] | None = None
     update_norms: torch.Tensor | None = None
 
 
@@ -148,9 +151,8 @@ class Watcher:
         self._handles: list[RemovableHandle] = []
         self._params = [(name, p) for name, p in model.named_parameters()]
         self._backward_queued = False
-        self._before: list[torch.Tensor] | None = None
         self._pending: _Pending | None = None
-        self._pending_optimizer = optimizer is not None
+        self._has_optimizer = optimizer is not None
         self._activations: list[tuple[str, torch.Tensor]] = []
 
         if optimizer is not None:
@@ -193,28 +195,29 @@ class Watcher:
             self._finish(pending)
 
     def _before_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        self._pending = self._before = None
+        self._pending = None
         self._safely(self._start_optimizer_step)
 
     def _start_optimizer_step(self) -> None:
-        self._pending = self._reduce()
-        if self._pending is not None and self._log_parameters:
-            self._before = [p.detach().clone() for _, p in self._params if p.grad is not None]
+        pending = self._reduce()
+        if pending is not None and self._log_parameters:
+            pending.before = [p.detach().clone() for _, p in pending.updated]
+        self._pending = pending
 
     def _after_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         try:
             self._safely(self._finish_optimizer_step)
         finally:
-            self._pending = self._before = None
+            self._pending = None
             self.step += 1
 
     def _finish_optimizer_step(self) -> None:
-        pending, before = self._pending, self._before
+        pending = self._pending
         if pending is None:
             return
-        if before is not None:
-            after = [p.detach() for _, p in self._params if p.grad is not None]
-            pending.update_norms = _norms(torch._foreach_sub(after, before))
+        if pending.before is not None:
+            after = [p.detach() for _, p in pending.updated]
+            pending.update_norms = _norms(torch._foreach_sub(after, pending.before))
         self._finish(pending)
 
     def _activation_hook(self, name: str) -> Callable[[nn.Module, Any, Any], None]:
@@ -238,7 +241,7 @@ class Watcher:
             grads = [_dense(p.grad) for _, p in with_grad]  # type: ignore[arg-type]
             groups.append(("gradients", [n for n, _ in with_grad], grads))
         if self._log_parameters:
-            params = with_grad if self._pending_optimizer else self._params
+            params = with_grad if self._has_optimizer else self._params
             groups.append(("parameters", [n for n, _ in params], [p.detach() for _, p in params]))
         if activations:
             groups.append(("activations", [n for n, _ in activations], [a for _, a in activations]))
@@ -248,7 +251,7 @@ class Watcher:
         pieces = [_norms(tensors)]
         if histograms:
             pieces += [_histogram_row(t, self._bins, mask_nonfinite=False) for t in tensors]
-        return _Pending(self.step, groups, tensors, pieces, histograms)
+        return _Pending(self.step, groups, tensors, pieces, histograms, with_grad)
 
     def _finish(self, pending: _Pending) -> None:
         """The one device-to-host transfer of a logged step, then the writing."""
@@ -289,8 +292,7 @@ class Watcher:
             if kind == "gradients":
                 scalars.append(("gradients/global_norm", math.sqrt(squares)))
         if pending.update_norms is not None:
-            updated = [n for n, p in self._params if p.grad is not None]
-            for name, update in zip(updated, update_norms):
+            for (name, _), update in zip(pending.updated, update_norms):
                 weight = parameter_norms.get(name, math.nan)
                 scalars.append((f"updates/{name}/ratio", float(update) / weight if weight else math.inf))
         self.writer._summary(scalars, step, None)

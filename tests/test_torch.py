@@ -66,7 +66,7 @@ def test_gradient_norms_equal_torch_and_global_norm_equals_get_total_norm(tmp_pa
 def test_update_ratio_is_the_relative_size_of_each_step(tmp_path) -> None:
     model = make_model()
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
-    with normlog.watch(model, str(tmp_path), optimizer=optimizer):
+    with normlog.watch(model, str(tmp_path), optimizer=optimizer, update_every=1):
         seen = train(model, optimizer, steps=3)
     final = {n: p.detach() for n, p in model.named_parameters()}
     events = read_events(str(tmp_path))
@@ -75,6 +75,16 @@ def test_update_ratio_is_the_relative_size_of_each_step(tmp_path) -> None:
             after = seen[step + 1]["weights"][name] if step + 1 < 3 else final[name]
             expected = (after - before).norm().item() / before.norm().item()
             assert scalars(events, f"updates/{name}/ratio")[step] == pytest.approx(expected, rel=1e-5)
+
+
+def test_update_ratios_have_their_own_cadence(tmp_path) -> None:
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    with normlog.watch(model, str(tmp_path), optimizer=optimizer, every=2, histogram_every=None, update_every=3):
+        train(model, optimizer, steps=7)
+    events = read_events(str(tmp_path))
+    assert sorted(scalars(events, "updates/0.weight/ratio")) == [0, 3, 6]
+    assert sorted(scalars(events, "gradients/0.weight/norm")) == [0, 2, 3, 4, 6]
 
 
 def test_device_histograms_give_the_cores_numbers(tmp_path) -> None:

@@ -42,33 +42,40 @@ def _norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         groups.setdefault((tensor.device, tensor.dtype), []).append(i)
     out = torch.empty(len(tensors), dtype=torch.float64, device=tensors[0].device)
     for (_, dtype), indices in groups.items():
-        accumulate = torch.float64 if dtype == torch.float64 else torch.float32
         dense = [tensors[i] for i in indices]
-        norms = torch._foreach_norm(dense, 2, dtype=accumulate)
+        if dtype in (torch.float32, torch.float64):
+            norms = torch._foreach_norm(dense, 2)  # the dtype= path is slower for these
+        else:  # accumulate float16 and bfloat16 in float32, as p.grad.float().norm() does
+            norms = torch._foreach_norm(dense, 2, dtype=torch.float32)
         out[torch.tensor(indices, device=out.device)] = torch.stack(norms).to(out.device, torch.float64)
     return out
 
 
 def _histogram_row(tensor: torch.Tensor, bins: int, mask_nonfinite: bool) -> torch.Tensor:
     """[min, max, sum, sum_squares, finite, nan, posinf, neginf, counts...] of one tensor, in
-    float64 on its device, bucketed as `normlog.histogram(values, bins)` does."""
-    values = tensor.detach().reshape(-1).to(torch.float64)
-    size = values.numel()
+    float64 on its device, bucketed as `normlog.histogram(values, bins)` does: floor((x - min)
+    / width) in float64, clamped to the last bucket, worked in place on one float64 copy."""
+    flat = tensor.detach().reshape(-1)
+    values = flat.to(torch.float64)  # a copy (for float64 input too, made below): worked on in place
     counts_nonfinite = [values.new_zeros(())] * 3
     if mask_nonfinite:
         finite = torch.isfinite(values)
         counts_nonfinite = [torch.isnan(values).sum(), (values == math.inf).sum(), (values == -math.inf).sum()]
         values = values[finite]
-        size = values.numel()
+        flat = values
+    elif values.data_ptr() == flat.data_ptr():
+        values = values.clone()
+    size = values.numel()
     if size == 0:
         head = values.new_zeros(5)
         return torch.cat([head, torch.stack(counts_nonfinite).to(values), values.new_zeros(bins)])
-    lo, hi = torch.aminmax(values)
-    # The core's rule: floor((x - min) / width) in float64, clamped to the last bucket.
+    lo, hi = (bound.to(torch.float64) for bound in torch.aminmax(flat))  # exact in any float dtype
     width = torch.where(hi > lo, (hi - lo) / bins, torch.ones_like(lo))
-    index = ((values - lo) / width).floor_().to(torch.int64).clamp_(0, bins - 1)
-    counts = torch.bincount(index, minlength=bins).to(torch.float64)
     stats = torch.stack([lo, hi, values.sum(), values.dot(values), values.new_tensor(float(size))])
+    # The clamp also keeps NaN and Inf, which become arbitrary integers, inside bincount's
+    # range until the norms reveal them and the masked pass redoes the row.
+    index = values.sub_(lo).div_(width).floor_().to(torch.int32).clamp_(0, bins - 1)
+    counts = torch.bincount(index, minlength=bins).to(torch.float64)
     return torch.cat([stats, torch.stack(counts_nonfinite).to(values), counts])
 
 
@@ -126,6 +133,7 @@ class Watcher:
         log: Log,
         every: int,
         histogram_every: int | None,
+        update_every: int | None,
         optimizer: torch.optim.Optimizer | None,
         bins: int,
         log_activations: bool,
@@ -135,8 +143,9 @@ class Watcher:
             raise ValueError(f"log must be 'gradients', 'parameters' or 'all', got {log!r}")
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive int, got {every!r}")
-        if histogram_every is not None and (not isinstance(histogram_every, int) or histogram_every < 1):
-            raise ValueError(f"histogram_every must be a positive int or None, got {histogram_every!r}")
+        for option, value in (("histogram_every", histogram_every), ("update_every", update_every)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{option} must be a positive int or None, got {value!r}")
         self.writer = writer
         self.step = 0
         self._owns_writer = owns_writer
@@ -145,6 +154,7 @@ class Watcher:
         self._log_parameters = log in ("parameters", "all")
         self._every = every
         self._histogram_every = histogram_every
+        self._update_every = update_every
         self._bins = bins
         self._strict = strict
         self._warned: set[str] = set()
@@ -172,9 +182,14 @@ class Watcher:
 
     # -- when a step happens ---------------------------------------------------------
 
+    def _due(self, every: int | None) -> bool:
+        return every is not None and self.step % every == 0
+
     def _logged(self) -> tuple[bool, bool]:
-        histograms = self._histogram_every is not None and self.step % self._histogram_every == 0
-        return self.step % self._every == 0 or histograms, histograms
+        """Whether this step logs anything, and whether it logs histograms."""
+        histograms = self._due(self._histogram_every)
+        updates = self._has_optimizer and self._log_parameters and self._due(self._update_every)
+        return self._due(self._every) or histograms or updates, histograms
 
     def _on_grad_accumulated(self, _: torch.Tensor) -> None:
         # Runs once per parameter per backward pass; the callback runs once, after all of them.
@@ -200,7 +215,8 @@ class Watcher:
 
     def _start_optimizer_step(self) -> None:
         pending = self._reduce()
-        if pending is not None and self._log_parameters:
+        if pending is not None and self._log_parameters and self._due(self._update_every):
+            # A copy of every weight: the reason update ratios have their own, sparser cadence.
             pending.before = [p.detach().clone() for _, p in pending.updated]
         self._pending = pending
 
@@ -339,6 +355,7 @@ def watch(
     log: Log = "all",
     every: int = 1,
     histogram_every: int | None = 100,
+    update_every: int | None = 100,
     optimizer: torch.optim.Optimizer | None = None,
     bins: int = 30,
     log_activations: bool = False,
@@ -348,8 +365,9 @@ def watch(
     `histogram_every` steps, to `logdir` (or to `writer`).
 
     With `optimizer`, a step is one `optimizer.step()`: gradients are read just before it,
-    after accumulation, DDP's all-reduce and GradScaler's unscaling, and update ratios are
-    logged. Without it, a step is one backward pass through the model.
+    after accumulation, DDP's all-reduce and GradScaler's unscaling, and update ratios
+    ‖w_after - w_before‖ / ‖w_before‖ are logged every `update_every` steps (each costs a
+    copy of the weights). Without it, a step is one backward pass through the model.
     Watching a model again replaces its hooks.
     """
     if not isinstance(model, nn.Module):
@@ -365,6 +383,7 @@ def watch(
         log=log,
         every=every,
         histogram_every=histogram_every,
+        update_every=update_every,
         optimizer=optimizer,
         bins=bins,
         log_activations=log_activations,

@@ -315,3 +315,35 @@ def test_watching_a_compiled_model_adds_no_graph_breaks(tmp_path) -> None:
         return sum(counters["graph_break"].values())
 
     assert breaks(watched=True) == breaks(watched=False)
+
+
+def test_steps_gradscaler_skips_are_still_reported(tmp_path) -> None:
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    with normlog.watch(model, str(tmp_path), optimizer=optimizer, scaler=scaler) as watcher:
+        norms = []
+        for step in range(4):
+            optimizer.zero_grad()
+            x, y = batch(step)
+            scaler.scale(nn.functional.mse_loss(model(x), y)).backward()
+            if step == 2:
+                model[0].bias.grad[0] = float("inf")
+            scaler.unscale_(optimizer)
+            norms.append(model[0].weight.grad.norm().item())  # unscaled
+            with (
+                pytest.warns(RuntimeWarning, match="1 NaN/Inf values in the gradients of '0.bias' at step 2")
+                if (step == 2)
+                else warnings.catch_warnings()
+            ):
+                scaler.step(optimizer)
+                scaler.update()
+        assert watcher.step == 4
+    assert scaler.update.__func__ is torch.amp.GradScaler.update  # unwatch restored it
+    events = read_events(str(tmp_path))
+    logged = scalars(events, "gradients/0.weight/norm")
+    assert sorted(logged) == [0, 1, 2, 3]
+    assert all(logged[s] == pytest.approx(norms[s], rel=1e-6) for s in range(4))
+    assert scalars(events, "amp/skipped_step") == {2: 1.0}
+    assert scalars(events, "gradients/0.bias/nonfinite") == {2: 1.0}
+    assert scalars(events, "amp/loss_scale") == {0: 1024.0, 1: 1024.0, 2: 1024.0, 3: 512.0}

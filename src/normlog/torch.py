@@ -135,6 +135,7 @@ class Watcher:
         histogram_every: int | None,
         update_every: int | None,
         optimizer: torch.optim.Optimizer | None,
+        scaler: torch.amp.GradScaler | None,
         bins: int,
         log_activations: bool,
         strict: bool,
@@ -163,6 +164,8 @@ class Watcher:
         self._backward_queued = False
         self._pending: _Pending | None = None
         self._has_optimizer = optimizer is not None
+        self._stepped = False
+        self._restore: list[Callable[[], None]] = []
         self._activations: list[tuple[str, torch.Tensor]] = []
 
         if optimizer is not None:
@@ -171,6 +174,10 @@ class Watcher:
                 raise ValueError("the optimizer updates none of the model's parameters")
             self._handles.append(optimizer.register_step_pre_hook(self._before_optimizer_step))
             self._handles.append(optimizer.register_step_post_hook(self._after_optimizer_step))
+            if scaler is not None:
+                self._wrap_scaler(scaler)
+        elif scaler is not None:
+            raise ValueError("scaler= needs optimizer= too: skipped steps are the optimizer's")
         else:
             for _, param in self._params:
                 if param.requires_grad:
@@ -221,11 +228,39 @@ class Watcher:
         self._pending = pending
 
     def _after_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        self._stepped = True
         try:
             self._safely(self._finish_optimizer_step)
         finally:
             self._pending = None
             self.step += 1
+
+    def _wrap_scaler(self, scaler: torch.amp.GradScaler) -> None:
+        # GradScaler skips optimizer.step() when the unscaled gradients hold Inf/NaN, so the
+        # optimizer's hooks never see those steps; scaler.update() runs every iteration.
+        original = scaler.update
+
+        def update(new_scale: Any = None) -> None:
+            stepped, self._stepped = self._stepped, False
+            if not stepped:
+                try:
+                    self._safely(self._log_skipped_step)
+                finally:
+                    self.step += 1
+            self._safely(lambda: self._log_loss_scale(scaler))
+            original(new_scale)
+
+        scaler.update = update  # type: ignore[method-assign]
+        self._restore.append(lambda: scaler.__dict__.pop("update", None))
+
+    def _log_skipped_step(self) -> None:
+        self.writer._summary([("amp/skipped_step", 1.0)], self.step, None)
+        self._log_backward()  # the gradients, unscaled by scaler.step(), with their NaN/Inf counts
+
+    def _log_loss_scale(self, scaler: torch.amp.GradScaler) -> None:
+        step = self.step - 1  # the step this update() closes
+        if step % self._every == 0:
+            self.writer._summary([("amp/loss_scale", scaler.get_scale())], step, None)
 
     def _finish_optimizer_step(self) -> None:
         pending = self._pending
@@ -334,6 +369,9 @@ class Watcher:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        for restore in self._restore:
+            restore()
+        self._restore.clear()
         model = self._model()
         if model is not None and _WATCHERS.get(model) is self:
             del _WATCHERS[model]
@@ -357,6 +395,7 @@ def watch(
     histogram_every: int | None = 100,
     update_every: int | None = 100,
     optimizer: torch.optim.Optimizer | None = None,
+    scaler: torch.amp.GradScaler | None = None,
     bins: int = 30,
     log_activations: bool = False,
     strict: bool = False,
@@ -367,7 +406,9 @@ def watch(
     With `optimizer`, a step is one `optimizer.step()`: gradients are read just before it,
     after accumulation, DDP's all-reduce and GradScaler's unscaling, and update ratios
     ‖w_after - w_before‖ / ‖w_before‖ are logged every `update_every` steps (each costs a
-    copy of the weights). Without it, a step is one backward pass through the model.
+    copy of the weights). With `scaler` (a `torch.amp.GradScaler`) too, the steps the scaler
+    skips for Inf/NaN are still logged, with `amp/skipped_step`, and `amp/loss_scale` is
+    logged every `every` steps. Without an optimizer, a step is one backward pass.
     Watching a model again replaces its hooks.
     """
     if not isinstance(model, nn.Module):
@@ -385,6 +426,7 @@ def watch(
         histogram_every=histogram_every,
         update_every=update_every,
         optimizer=optimizer,
+        scaler=scaler,
         bins=bins,
         log_activations=log_activations,
         strict=strict,

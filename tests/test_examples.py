@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import numpy as np
+
 from helpers import read_events, requires
 
 EXAMPLES = os.path.join(os.path.dirname(__file__), os.pardir, "examples")
@@ -31,3 +33,31 @@ def test_torch_custom_loop(tmp_path) -> None:
     assert [event.step for event in train.Histograms("layer1/weights")] == [0, 10, 20, 30]
     assert tags["images"] == ["fit"]
     assert len(read_events(str(tmp_path / "test")).Scalars("loss")) == 40
+
+
+def test_torch_quickstart(tmp_path) -> None:
+    requires("torch")
+    out = run_example("torch/quickstart.py", "--logdir", str(tmp_path), "--steps", "120")
+    assert f"tensorboard --logdir {tmp_path}" in out
+    events = read_events(str(tmp_path))
+    tags = events.Tags()
+    assert {"loss", "gradients/global_norm", "gradients/0.weight/norm", "parameters/4.bias/norm"} <= set(
+        tags["scalars"]
+    )
+    assert len(events.Scalars("gradients/global_norm")) == 120
+    assert [e.step for e in events.Histograms("gradients/0.weight")] == [0, 100]
+    assert [e.step for e in events.Scalars("updates/2.weight/ratio")] == [0, 100]
+
+
+def test_torch_vanishing_gradients_shows_tanh_early_layers_vanishing(tmp_path) -> None:
+    requires("torch")
+    run_example("torch/vanishing_gradients.py", "--logdir", str(tmp_path), "--epochs", "30")
+
+    def late_norm(run: str, layer: int) -> float:
+        norms = [e.value for e in read_events(str(tmp_path / run)).Scalars(f"gradients/layers.{layer}.weight/norm")]
+        return float(np.median(norms[-100:]))
+
+    # What a user reads off the two runs: tanh's first layer gets a tiny fraction of the
+    # gradient its last hidden layer gets; relu's layers stay within the same order.
+    assert late_norm("tanh", 0) < 0.02 * late_norm("tanh", 9)
+    assert late_norm("relu", 0) > 0.2 * late_norm("relu", 9)

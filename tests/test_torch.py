@@ -63,6 +63,16 @@ def test_gradient_norms_equal_torch_and_global_norm_equals_get_total_norm(tmp_pa
         assert scalars(events, "gradients/global_norm")[step] == pytest.approx(expected["total"], rel=1e-6)
 
 
+def test_norms_of_large_tensors_agree_with_float64() -> None:
+    from normlog.torch import _norms
+
+    generator = torch.Generator().manual_seed(5)
+    tensors = [torch.randn(2048, 1024, generator=generator), torch.rand(3_000_001, generator=generator) * 1e-3]
+    tensors.append(torch.randn(1000, generator=generator).to(torch.bfloat16))
+    expected = [np.linalg.norm(t.double().numpy()) for t in tensors]
+    np.testing.assert_allclose(_norms(tensors).numpy(), expected, rtol=1e-5)
+
+
 def test_update_ratio_is_the_relative_size_of_each_step(tmp_path) -> None:
     model = make_model()
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)

@@ -33,20 +33,25 @@ _WATCHERS: weakref.WeakKeyDictionary[nn.Module, Watcher] = weakref.WeakKeyDictio
 
 
 def _norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """L2 norm of each tensor as one float64 vector on the first tensor's device: one
-    foreach launch per (device, dtype) group, accumulated in float32 (float64 for float64)."""
+    """L2 norm of each tensor as one float64 vector on the first tensor's device, reduced per
+    (device, dtype) group and accumulated in float32 (float64 for float64)."""
     if not tensors:
         return torch.zeros(0, dtype=torch.float64)
     groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
     for i, tensor in enumerate(tensors):
         groups.setdefault((tensor.device, tensor.dtype), []).append(i)
     out = torch.empty(len(tensors), dtype=torch.float64, device=tensors[0].device)
-    for (_, dtype), indices in groups.items():
+    for (device, dtype), indices in groups.items():
         dense = [tensors[i] for i in indices]
-        if dtype in (torch.float32, torch.float64):
-            norms = torch._foreach_norm(dense, 2)  # the dtype= path is slower for these
+        if device.type == "cpu" and dtype in (torch.float32, torch.float64):
+            # BLAS dot on the CPU: ~4x faster than _foreach_norm there, and more accurate
+            # (torch's float32 CPU norm drifts ~1e-4 from float64 on multi-million-element
+            # tensors; dot stays within ~1e-5). On accelerators, one foreach launch wins.
+            norms = [torch.dot(flat, flat).sqrt() for flat in (t.reshape(-1) for t in dense)]
+        elif dtype in (torch.float32, torch.float64):
+            norms = list(torch._foreach_norm(dense, 2))  # the dtype= path is slower for these
         else:  # accumulate float16 and bfloat16 in float32, as p.grad.float().norm() does
-            norms = torch._foreach_norm(dense, 2, dtype=torch.float32)
+            norms = list(torch._foreach_norm(dense, 2, dtype=torch.float32))
         out[torch.tensor(indices, device=out.device)] = torch.stack(norms).to(out.device, torch.float64)
     return out
 

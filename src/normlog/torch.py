@@ -320,6 +320,7 @@ class Watcher:
         update_norms = host[count + len(rows) * width :]
         step = pending.step
         scalars: list[tuple[str, float]] = []
+        histograms: list[tuple[str, Histogram]] = []
         parameter_norms: dict[str, float] = {}
         index = 0
         for kind, names, _ in pending.groups:
@@ -343,7 +344,7 @@ class Watcher:
                     if rows:
                         rows[index] = row
                 if rows:
-                    self.writer.add_histogram(f"{kind}/{name}", _histogram_from_row(rows[index], self._bins), step)
+                    histograms.append((f"{kind}/{name}", _histogram_from_row(rows[index], self._bins)))
                 index += 1
             if kind == "gradients":
                 scalars.append(("gradients/global_norm", math.sqrt(squares)))
@@ -351,7 +352,7 @@ class Watcher:
             for (name, _), update in zip(pending.updated, update_norms):
                 weight = parameter_norms.get(name, math.nan)
                 scalars.append((f"updates/{name}/ratio", float(update) / weight if weight else math.inf))
-        self.writer._summary(scalars, step, None)
+        self.writer._summary(scalars, step, None, histograms)
 
     # -- errors and life cycle -----------------------------------------------------------
 

@@ -227,14 +227,8 @@ class Writer:
         `values` may also be a `normlog.Histogram` computed before (say, merged from shards)."""
         tag = _check_tag(tag)
         hist = values if isinstance(values, Histogram) else _named(tag, lambda: histogram(to_numpy(values), bins))
-        limits, counts = _proto_buckets(hist)
-        self._open()
-        with self._lock:
-            self._tbx.add_histogram_raw(
-                tag, hist.min, hist.max, hist.num, hist.sum, hist.sum_squares, limits, counts, _step(step), walltime
-            )
-        if hist.nonfinite:
-            self._summary([(f"{tag}/nonfinite", hist.nonfinite)], step, walltime)
+        nonfinite = [(f"{tag}/nonfinite", float(hist.nonfinite))] if hist.nonfinite else []
+        self._summary(nonfinite, step, walltime, histograms=[(tag, hist)])
         return hist
 
     # -- images and text -----------------------------------------------------------
@@ -315,10 +309,25 @@ class Writer:
         if self._closed:
             raise ValueError(f"normlog: {self!r}: cannot add to a closed Writer")
 
-    def _summary(self, scalars: Iterable[tuple[str, float]], step: Any, walltime: float | None) -> None:
-        """Write several scalars as one event: one queue entry and one record, not one per tag."""
-        summary_pb2 = _tensorboardx().proto.summary_pb2
+    def _summary(
+        self,
+        scalars: Iterable[tuple[str, float]],
+        step: Any,
+        walltime: float | None,
+        histograms: Iterable[tuple[str, Histogram]] = (),
+    ) -> None:
+        """Write scalars and histograms as one event: one queue entry and one record for a
+        whole logged step, not one per tag (tensorboardX's queue holds 10 and then blocks)."""
+        tensorboardx = _tensorboardx()
+        summary_pb2 = tensorboardx.proto.summary_pb2
         values = [summary_pb2.Summary.Value(tag=_clean_tag(tag), simple_value=value) for tag, value in scalars]
+        for tag, hist in histograms:
+            limits, counts = _proto_buckets(hist)
+            # tensorboardX's own HistogramProto builder, as its add_histogram_raw uses
+            proto = tensorboardx.summary.histogram_raw(
+                tag, hist.min, hist.max, hist.num, hist.sum, hist.sum_squares, limits, counts
+            )
+            values.extend(proto.value)
         self._emit(summary_pb2.Summary(value=values), step, walltime)
 
     def _emit(self, summary: Any, step: Any, walltime: float | None) -> None:

@@ -77,9 +77,10 @@ def _histogram_row(tensor: torch.Tensor, bins: int, mask_nonfinite: bool) -> tor
     lo, hi = (bound.to(torch.float64) for bound in torch.aminmax(flat))  # exact in any float dtype
     width = torch.where(hi > lo, (hi - lo) / bins, torch.ones_like(lo))
     stats = torch.stack([lo, hi, values.sum(), values.dot(values), values.new_tensor(float(size))])
-    # The clamp also keeps NaN and Inf, which become arbitrary integers, inside bincount's
-    # range until the norms reveal them and the masked pass redoes the row.
-    index = values.sub_(lo).div_(width).floor_().to(torch.int32).clamp_(0, bins - 1)
+    # x - min >= 0, so the conversion's truncation is the floor. The clamp also keeps NaN and
+    # Inf, which become arbitrary integers, inside bincount's range until the norms reveal
+    # them and the masked pass redoes the row.
+    index = values.sub_(lo).div_(width).to(torch.int32).clamp_(0, bins - 1)
     counts = torch.bincount(index, minlength=bins).to(torch.float64)
     return torch.cat([stats, torch.stack(counts_nonfinite).to(values), counts])
 

@@ -2,7 +2,8 @@
 
 Every mode trains its own copy of the same model on the same batch; the modes are
 interleaved round by round in one process, so drift in machine load hits them alike.
-Prints median step times and ratios to plain training.
+Prints median step times and ratios to plain training; an unwatched second copy of the
+plain model shows how far two identical runs differ on this machine.
 
     python benchmarks/bench_torch.py             # CPU config: ~7.4M-parameter LM, 53 tensors
     python benchmarks/bench_torch.py --gpu       # GPT-2-sized LM, bf16 autocast, fused AdamW
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 
 import normlog
+import normlog.torch
 
 
 class LM(nn.Module):
@@ -82,8 +84,11 @@ def main() -> None:
     root = tempfile.mkdtemp(prefix="normlog-bench-")
 
     modes: dict[str, tuple[nn.Module, torch.optim.Optimizer, torch.Tensor, Callable[[int], None]]] = {}
+    watchers: dict[str, normlog.torch.Watcher] = {}
+    # "plain, second copy" trains an unwatched twin: its ratio is the noise floor of the run.
     for mode in (
         "plain",
+        "plain, second copy",
         "watch all, histograms every step",
         "norms only, every step",
         "watch defaults",
@@ -93,9 +98,9 @@ def main() -> None:
         extra: Callable[[int], None] = lambda i: None
         logdir = f"{root}/{len(modes)}"
         if mode == "watch all, histograms every step":
-            normlog.watch(model, logdir, optimizer=optimizer, log="all", every=1, histogram_every=1)
+            watchers[mode] = normlog.watch(model, logdir, optimizer=optimizer, every=1, histogram_every=1)
         elif mode == "norms only, every step":
-            normlog.watch(model, logdir, optimizer=optimizer, log="all", every=1, histogram_every=None)
+            watchers[mode] = normlog.watch(model, logdir, optimizer=optimizer, every=1, histogram_every=None)
         elif mode == "watch defaults":
             normlog.watch(model, logdir, optimizer=optimizer)
         elif mode == "tutorial loop":
@@ -126,6 +131,20 @@ def main() -> None:
     for mode, samples in times.items():
         median = statistics.median(samples)
         print(f"| {mode} | {median * 1e3:.1f} | {median / plain:.2f}x |")
+
+    # Step-time ratios of a few percent drown in the machine's noise (see the second copy),
+    # so also time a logged step's own work alone: reduce on the device, transfer, write.
+    print("\n| logging work of one logged step, timed alone | ms | share of a plain step |\n| --- | ---: | ---: |")
+    for mode, watcher in watchers.items():
+        samples = []
+        for _ in range(args.rounds * args.steps):
+            sync()
+            start = time.perf_counter()
+            watcher._finish(watcher._reduce())  # type: ignore[arg-type]
+            sync()
+            samples.append(time.perf_counter() - start)
+        median = statistics.median(samples)
+        print(f"| {mode} | {median * 1e3:.1f} | {median / plain:.1%} |")
 
 
 if __name__ == "__main__":

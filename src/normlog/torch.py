@@ -47,7 +47,7 @@ def _norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
             # BLAS dot on the CPU: ~4x faster than _foreach_norm there, and more accurate
             # (torch's float32 CPU norm drifts ~1e-4 from float64 on multi-million-element
             # tensors; dot stays within ~1e-5). On accelerators, one foreach launch wins.
-            norms = [torch.dot(flat, flat).sqrt() for flat in (t.reshape(-1) for t in dense)]
+            norms = list(torch.stack([torch.dot(flat, flat) for flat in (t.reshape(-1) for t in dense)]).sqrt_())
         elif dtype in (torch.float32, torch.float64):
             norms = list(torch._foreach_norm(dense, 2))  # the dtype= path is slower for these
         else:  # accumulate float16 and bfloat16 in float32, as p.grad.float().norm() does

@@ -119,7 +119,8 @@ def test_device_histograms_give_the_cores_numbers(tmp_path) -> None:
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "float64"])
 def test_device_histogram_row_matches_the_core_exactly(dtype: str) -> None:
-    from normlog.torch import _histogram_from_row, _histogram_row
+    from normlog._core import _histogram_from_row
+    from normlog.torch import _histogram_row
 
     values = torch.randn(10_000, generator=torch.Generator().manual_seed(3)).to(getattr(torch, dtype))
     values[::97] = 0.0
@@ -132,7 +133,8 @@ def test_device_histogram_row_matches_the_core_exactly(dtype: str) -> None:
 
 
 def test_device_histogram_of_nonfinite_constant_and_empty_tensors() -> None:
-    from normlog.torch import _histogram_from_row, _histogram_row
+    from normlog._core import _histogram_from_row
+    from normlog.torch import _histogram_row
 
     cases = [
         torch.tensor([1.0, float("nan"), 3.0, float("inf"), -float("inf"), 2.0]),

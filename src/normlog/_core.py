@@ -361,3 +361,27 @@ def histogram(values: Any, bins: Bins = 30, range: tuple[float, float] | None = 
         posinf=stats.posinf,
         neginf=stats.neginf,
     )
+
+
+def _histogram_from_row(row: np.ndarray, bins: int) -> Histogram:
+    """The Histogram an adapter reduced on its device, as one row of float64:
+    [min, max, sum, sum_squares, finite, nan, posinf, neginf, counts...], where min and max
+    are those of the finite values and counts follow this module's equal-width rule."""
+    lo, hi, total, sum_squares, finite, nan, posinf, neginf = row[:8]
+    edges, index = _binning(bins, int(finite), float(lo), float(hi), False)
+    counts = row[8:].astype(np.int64)
+    if index is None:  # constant or empty: the one bucket [c, c], or empty buckets at 0
+        counts = np.zeros(edges.size - 1, dtype=np.int64)
+        counts[-1] = int(finite)
+    return Histogram(
+        edges=edges,
+        counts=counts,
+        min=float(lo),
+        max=float(hi),
+        num=int(finite),
+        sum=float(total),
+        sum_squares=float(sum_squares),
+        nan=int(nan),
+        posinf=int(posinf),
+        neginf=int(neginf),
+    )

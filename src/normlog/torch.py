@@ -16,12 +16,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from normlog._core import Histogram, _binning
+from normlog._core import Histogram, _histogram_from_row
 from normlog.writer import Writer
 
 __all__ = ["Watcher", "unwatch", "watch"]
@@ -83,27 +82,6 @@ def _histogram_row(tensor: torch.Tensor, bins: int, mask_nonfinite: bool) -> tor
     index = values.sub_(lo).div_(width).to(torch.int32).clamp_(0, bins - 1)
     counts = torch.bincount(index, minlength=bins).to(torch.float64)
     return torch.cat([stats, torch.stack(counts_nonfinite).to(values), counts])
-
-
-def _histogram_from_row(row: np.ndarray, bins: int) -> Histogram:
-    lo, hi, total, sum_squares, finite, nan, posinf, neginf = row[:8]
-    edges, index = _binning(bins, int(finite), float(lo), float(hi), False)
-    counts = row[8:].astype(np.int64)
-    if index is None:  # constant or empty: the core's one bucket [c, c], or empty buckets at 0
-        counts = np.zeros(edges.size - 1, dtype=np.int64)
-        counts[-1] = int(finite)
-    return Histogram(
-        edges=edges,
-        counts=counts,
-        min=float(lo),
-        max=float(hi),
-        num=int(finite),
-        sum=float(total),
-        sum_squares=float(sum_squares),
-        nan=int(nan),
-        posinf=int(posinf),
-        neginf=int(neginf),
-    )
 
 
 def _dense(tensor: torch.Tensor) -> torch.Tensor:

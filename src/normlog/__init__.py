@@ -28,6 +28,15 @@ def watch(model: nn.Module, logdir: str | None = None, **options: Any) -> Watche
     return watch_torch(model, logdir, **options)
 
 
+def __getattr__(name: str) -> Any:
+    # `normlog.keras` loads Keras and TensorFlow, so it is imported on first use only.
+    if name == "keras":
+        import importlib
+
+        return importlib.import_module("normlog.keras")
+    raise AttributeError(f"module 'normlog' has no attribute {name!r}")
+
+
 def unwatch(model: nn.Module) -> None:
     """Remove the hooks `normlog.watch` installed on `model`."""
     if "normlog.torch" in sys.modules:  # never watched: nothing to remove, and no torch import

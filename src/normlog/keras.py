@@ -1,0 +1,417 @@
+"""Keras adapter: `watch(model)` is a callback that logs the gradients each training step used.
+
+Rules: gradients are caught in the optimizer's `apply`, wrapped on the optimizer instance:
+the one point that `fit`'s train step and custom `apply_gradients` loops both pass. With
+the TensorFlow backend the statistics are computed inside the traced step (no py_function)
+into tf.Variables that neither model nor optimizer tracks, and reach the host only on
+logged steps. Histograms use the core's bucket rule in float64, so they equal the core's.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from normlog._core import Histogram, _histogram_from_row
+from normlog.writer import Writer
+
+__all__ = ["Watcher", "watch"]
+
+Log = Literal["gradients", "parameters", "all"]
+
+
+def _check_backend() -> None:
+    backend = keras.backend.backend()
+    if backend != "tensorflow":
+        raise RuntimeError(
+            f"normlog.keras supports Keras 3 with the TensorFlow backend; this process uses {backend!r}. "
+            "Set KERAS_BACKEND=tensorflow, or log with normlog.Writer from your own loop."
+        )
+
+
+def _histogram_row(values: tf.Tensor, bins: int) -> tf.Tensor:
+    """[min, max, sum, sum_squares, finite, nan, posinf, neginf, counts...] in float64, with
+    the core's rule: floor((x - min) / width) over the finite values, clamped to the last
+    bucket. Static shapes only (no boolean masks), so XLA can compile it."""
+    x = tf.reshape(tf.cast(values, tf.float64), [-1])
+    finite = tf.math.is_finite(x)
+    count = tf.reduce_sum(tf.cast(finite, tf.float64))
+    nan = tf.reduce_sum(tf.cast(tf.math.is_nan(x), tf.float64))
+    posinf = tf.reduce_sum(tf.cast(tf.equal(x, math.inf), tf.float64))
+    neginf = tf.reduce_sum(tf.cast(tf.equal(x, -math.inf), tf.float64))
+    zeroed = tf.where(finite, x, tf.zeros_like(x))
+    lo = tf.where(count > 0, tf.reduce_min(tf.where(finite, x, math.inf)), 0.0)
+    hi = tf.where(count > 0, tf.reduce_max(tf.where(finite, x, -math.inf)), 0.0)
+    width = tf.where(hi > lo, (hi - lo) / bins, 1.0)
+    index = tf.cast(tf.floor((zeroed - lo) / width), tf.int32)
+    # non-finite values go to an extra bucket that is dropped
+    index = tf.where(finite, tf.clip_by_value(index, 0, bins - 1), bins)
+    counts = tf.math.unsorted_segment_sum(tf.ones_like(x), index, bins + 1)[:bins]
+    head = tf.stack([lo, hi, tf.reduce_sum(zeroed), tf.reduce_sum(zeroed * zeroed), count, nan, posinf, neginf])
+    return tf.concat([head, counts], 0)
+
+
+def _norm(values: tf.Tensor) -> tf.Tensor:
+    # float32 accumulation as tf.norm does, reported as float64
+    as_float = tf.cast(values, tf.float32) if values.dtype != tf.float64 else values
+    return tf.cast(tf.sqrt(tf.reduce_sum(tf.square(as_float))), tf.float64)
+
+
+def _nonfinite(values: tf.Tensor) -> tf.Tensor:
+    return tf.reduce_sum(tf.cast(tf.logical_not(tf.math.is_finite(values)), tf.float64))
+
+
+class Watcher(keras.callbacks.Callback):  # type: ignore[misc]
+    """The callback `watch` returns: pass it to `fit`. See `watch` for what it logs."""
+
+    def __init__(
+        self,
+        model: keras.Model,
+        writer: Writer,
+        *,
+        owns_writer: bool,
+        log: Log,
+        every: int,
+        histogram_every: int | None,
+        update_every: int | None,
+        optimizer: keras.optimizers.Optimizer | None,
+        bins: int,
+        strict: bool,
+    ) -> None:
+        super().__init__()
+        if log not in ("gradients", "parameters", "all"):
+            raise ValueError(f"log must be 'gradients', 'parameters' or 'all', got {log!r}")
+        if not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be a positive int, got {every!r}")
+        for option, value in (("histogram_every", histogram_every), ("update_every", update_every)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{option} must be a positive int or None, got {value!r}")
+        self.writer = writer
+        self._owns_writer = owns_writer
+        self._watched = weakref.ref(model)
+        self._log_gradients = log in ("gradients", "all")
+        self._log_parameters = log in ("parameters", "all")
+        self._every = every
+        self._histogram_every = histogram_every
+        self._update_every = update_every if self._log_parameters else None
+        self._bins = bins
+        self._strict = strict
+        self._warned: set[str] = set()
+        self._wrapped: list[tuple[keras.optimizers.Optimizer, Callable[..., Any]]] = []
+        self._state: _State | None = None
+        self._written = {"stats": -1, "histograms": -1, "updates": -1}
+        self._wrap(optimizer if optimizer is not None else getattr(model, "optimizer", None))
+
+    @property
+    def step(self) -> int:
+        """Optimizer updates seen so far (the next step's index)."""
+        return 0 if self._state is None else int(self._state.step.numpy())
+
+    # -- installing ------------------------------------------------------------------
+
+    def _wrap(self, optimizer: keras.optimizers.Optimizer | None) -> None:
+        if optimizer is None or any(wrapped is optimizer for wrapped, _ in self._wrapped):
+            return
+        original = optimizer.apply  # the bound method of the class, or another wrapper
+
+        def apply(grads: Sequence[Any], trainable_variables: Sequence[Any] | None = None) -> Any:
+            variables = list(trainable_variables) if trainable_variables is not None else None
+            if variables is None and optimizer.built:
+                variables = list(optimizer._trainable_variables)
+            due = self._safely(lambda: self._before_apply(optimizer, list(grads), variables or []), None)
+            result = original(grads, trainable_variables)
+            if due is not None:
+                self._safely(lambda: self._after_apply(due), None)
+            if tf.executing_eagerly():  # a custom eager loop: nothing else will write this step
+                self._safely(self._write_pending, None)
+            return result
+
+        optimizer.apply = apply
+        self._wrapped.append((optimizer, original))
+        model = self._watched()
+        if model is not None and getattr(model, "train_function", None) is not None:
+            # fit traced its step before the hook existed: make it trace again, through the hook.
+            model.make_train_function(force=True)
+
+    # -- inside the (traced) train step -----------------------------------------------
+
+    def _before_apply(self, optimizer: Any, grads: list[Any], variables: list[Any]) -> tf.Tensor:
+        pairs = [(g, v) for g, v in zip(grads, variables) if g is not None]
+        state = self._ensure_state([v for _, v in pairs])
+        step = state.step.read_value()
+        index = {id(v): i for i, v in enumerate(state.variables)}
+        # The optimizer divides by its loss scale after this point: undo it here too.
+        scale = tf.cast(optimizer.scale_loss(tf.constant(1.0)), tf.float64)
+        dense = [(tf.convert_to_tensor(g), v) for g, v in pairs if id(v) in index]
+        has_grad = np.zeros(len(state.variables), dtype=bool)
+        has_grad[[index[id(v)] for _, v in dense]] = True
+        norms = {index[id(v)]: _norm(g) / scale for g, v in dense}
+        nonfinite = {index[id(v)]: _nonfinite(g) for g, v in dense}
+        missing = tf.constant(math.nan, tf.float64)
+        stats = tf.stack(
+            [tf.stack([norms.get(i, missing), nonfinite.get(i, missing)]) for i in range(len(state.variables))]
+        )
+        state.stats.assign(stats)
+        state.has_grad.assign(has_grad)
+        if self._log_parameters:
+            state.weight_norms.assign(tf.stack([_norm(tf.convert_to_tensor(v)) for v in state.variables]))
+        state.stats_step.assign(step)
+        state.loss_scale.assign(scale)
+
+        if self._histogram_every is not None:
+
+            def histograms() -> tf.Tensor:
+                grad_of = {id(v): g for g, v in dense}
+                rows = []
+                for variable in state.variables:
+                    grad = grad_of.get(id(variable))
+                    if grad is None:  # no gradient this step: a row of NaN, skipped on the host
+                        rows.append(tf.fill([8 + self._bins], tf.constant(math.nan, tf.float64)))
+                    else:
+                        rows.append(_histogram_row(grad / tf.cast(scale, grad.dtype), self._bins))
+                if self._log_parameters:
+                    rows += [_histogram_row(tf.convert_to_tensor(v), self._bins) for v in state.variables]
+                state.histograms.assign(tf.stack(rows))
+                state.histogram_step.assign(step)
+                return tf.constant(True)
+
+            tf.cond(tf.equal(step % self._histogram_every, 0), histograms, lambda: tf.constant(False))
+
+        due = tf.constant(False)
+        if self._update_every is not None and state.shadows:
+            due = tf.equal(step % self._update_every, 0)
+
+            def snapshot() -> tf.Tensor:
+                for shadow, variable in zip(state.shadows, state.variables):
+                    shadow.assign(variable)
+                return tf.constant(True)
+
+            tf.cond(due, snapshot, lambda: tf.constant(False))
+        state.step.assign_add(1)
+        return due
+
+    def _after_apply(self, due: tf.Tensor) -> None:
+        state = self._state
+        if state is None or not state.shadows:
+            return
+
+        def measure() -> tf.Tensor:
+            state.updates.assign(
+                tf.stack([_norm(tf.convert_to_tensor(v) - s) for v, s in zip(state.variables, state.shadows)])
+            )
+            state.update_step.assign(state.stats_step)
+            return tf.constant(True)
+
+        tf.cond(due, measure, lambda: tf.constant(False))
+
+    def _ensure_state(self, variables: list[Any]) -> _State:
+        if self._state is None:
+            with tf.init_scope():  # created eagerly even when first reached inside a trace
+                model = self._watched()
+                name = model.name if model is not None else ""
+                self._state = _State(variables, self._bins, shadows=self._update_every is not None, model_name=name)
+        return self._state
+
+    # -- on the host ---------------------------------------------------------------------
+
+    def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+        self._safely(lambda: self._wrap(getattr(self.model, "optimizer", None)), None)
+
+    def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        self._safely(self._write_pending, None)
+
+    def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
+        self._safely(self.writer.flush, None)
+
+    def log_gradients(self, grads: Sequence[Any], variables: Sequence[Any], step: int | None = None) -> None:
+        """Log one step's gradients from a hand-written loop (a `tf.GradientTape` loop that
+        does not go through a watched optimizer), at `step` or else at the next step."""
+        grads, variables = list(grads), list(variables)
+
+        def record() -> None:
+            state = self._ensure_state([v for g, v in zip(grads, variables) if g is not None])
+            if step is not None:
+                state.step.assign(step)
+            self._before_apply(_Unscaled(), grads, variables)
+            self._write_pending()
+
+        self._safely(record, None)
+
+    def _write_pending(self) -> None:
+        state = self._state
+        if state is None:
+            return
+        step = int(state.stats_step.numpy())
+        scalars: list[tuple[str, float]] = []
+        histograms: list[tuple[str, Histogram]] = []
+        if step != self._written["stats"] and step % self._every == 0:
+            self._written["stats"] = step
+            scalars += self._stat_scalars(state, step)
+        histogram_step = int(state.histogram_step.numpy())
+        if histogram_step >= 0 and histogram_step != self._written["histograms"]:
+            self._written["histograms"] = histogram_step
+            histograms += self._histograms(state)
+            if histogram_step != step:
+                self.writer._summary([], histogram_step, None, histograms)
+                histograms = []
+        update_step = int(state.update_step.numpy())
+        if update_step >= 0 and update_step != self._written["updates"]:
+            self._written["updates"] = update_step
+            updates, weights = state.updates.numpy(), state.weight_norms.numpy()
+            ratios = [
+                (f"updates/{name}/ratio", float(u / w) if w else math.inf)
+                for name, u, w in zip(state.names, updates, weights)
+            ]
+            self.writer._summary(ratios, update_step, None)
+        if scalars or histograms:
+            self.writer._summary(scalars, step, None, histograms)
+
+    def _stat_scalars(self, state: _State, step: int) -> list[tuple[str, float]]:
+        stats, has_grad = state.stats.numpy(), state.has_grad.numpy()
+        scalars: list[tuple[str, float]] = []
+        if self._log_gradients:
+            squares = 0.0
+            for name, (norm, nonfinite), present in zip(state.names, stats, has_grad):
+                if not present:
+                    continue
+                scalars.append((f"gradients/{name}/norm", float(norm)))
+                squares += float(norm) ** 2
+                if nonfinite:
+                    scalars.append((f"gradients/{name}/nonfinite", float(nonfinite)))
+                    self._warn_once(
+                        f"nonfinite:{name}",
+                        f"normlog: {int(nonfinite)} NaN/Inf values in the gradients of {name!r} at step {step}",
+                    )
+            scalars.append(("gradients/global_norm", math.sqrt(squares)))
+        if self._log_parameters:
+            scalars += [
+                (f"parameters/{name}/norm", float(norm)) for name, norm in zip(state.names, state.weight_norms.numpy())
+            ]
+        scale = float(state.loss_scale.numpy())
+        if scale != 1.0:
+            scalars.append(("amp/loss_scale", scale))
+        return scalars
+
+    def _histograms(self, state: _State) -> list[tuple[str, Histogram]]:
+        rows = state.histograms.numpy()
+        names = state.names
+        out = []
+        if self._log_gradients:
+            out += [
+                (f"gradients/{name}", _histogram_from_row(row, self._bins))
+                for name, row in zip(names, rows)
+                if not math.isnan(row[4])
+            ]
+        if self._log_parameters:
+            out += [
+                (f"parameters/{name}", _histogram_from_row(row, self._bins))
+                for name, row in zip(names, rows[len(names) :])
+            ]
+        return out
+
+    # -- errors and life cycle -----------------------------------------------------------
+
+    def _safely(self, action: Callable[[], Any], default: Any) -> Any:
+        """Never break training: a failure warns once (with its cause) unless strict=True."""
+        try:
+            return action()
+        except Exception as error:
+            if self._strict:
+                raise
+            self._warn_once("error", f"normlog: logging failed and is skipped: {error!r}")
+            return default
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+    def unwatch(self) -> None:
+        """Restore the optimizers' own `apply`; close the writer if `watch` made it."""
+        for optimizer, _ in self._wrapped:
+            optimizer.__dict__.pop("apply", None)
+        self._wrapped.clear()
+        model = self._watched()
+        if model is not None and getattr(model, "train_function", None) is not None:
+            model.make_train_function(force=True)
+        if self._owns_writer:
+            self.writer.close()
+
+
+class _Unscaled:
+    """Stands in for an optimizer in `log_gradients`: gradients from a tape are unscaled."""
+
+    def scale_loss(self, loss: tf.Tensor) -> tf.Tensor:
+        return loss
+
+
+class _State:
+    """The tf.Variables a traced step writes its statistics into. Plain tf.Variables held
+    here, never by the model or the optimizer, so checkpoints do not change."""
+
+    def __init__(self, variables: list[Any], bins: int, shadows: bool, model_name: str) -> None:
+        count = len(variables)
+        self.variables = variables
+        # Keras' variable path, without the watched model's own name: "dense/kernel"
+        paths = [getattr(v, "path", None) or v.name.split(":")[0] for v in variables]
+        self.names = [path.removeprefix(f"{model_name}/") for path in paths]
+
+        def make(value: Any) -> tf.Variable:
+            return tf.Variable(value, trainable=False)
+
+        self.step = make(tf.constant(0, tf.int64))
+        self.stats_step = make(tf.constant(-1, tf.int64))
+        self.stats = make(tf.zeros([count, 2], tf.float64))
+        self.has_grad = make(tf.zeros([count], tf.bool))
+        self.weight_norms = make(tf.zeros([count], tf.float64))
+        self.loss_scale = make(tf.constant(1.0, tf.float64))
+        self.histogram_step = make(tf.constant(-1, tf.int64))
+        self.histograms = make(tf.zeros([2 * count, 8 + bins], tf.float64))
+        self.update_step = make(tf.constant(-1, tf.int64))
+        self.updates = make(tf.zeros([count], tf.float64))
+        self.shadows = [make(tf.zeros(v.shape, tf.as_dtype(v.dtype))) for v in variables] if shadows else []
+
+
+def watch(
+    model: keras.Model,
+    logdir: str | None = None,
+    *,
+    writer: Writer | None = None,
+    log: Log = "all",
+    every: int = 1,
+    histogram_every: int | None = 100,
+    update_every: int | None = 100,
+    optimizer: keras.optimizers.Optimizer | None = None,
+    bins: int = 30,
+    strict: bool = False,
+) -> Watcher:
+    """A callback for `model.fit(..., callbacks=[...])` that logs, per training step (batch,
+    from 0), the gradient each step really used and the weights: norms every `every` steps,
+    histograms every `histogram_every`, update ratios every `update_every`.
+
+    The gradients are the raw ones handed to the optimizer: before `global_clipnorm`
+    clipping, before `gradient_accumulation_steps` averaging, and unscaled for mixed
+    precision. `optimizer=` watches an optimizer other than `model.optimizer` (custom loops).
+    """
+    _check_backend()
+    if writer is not None and logdir is not None:
+        raise ValueError("pass logdir or writer, not both")
+    return Watcher(
+        model,
+        writer if writer is not None else Writer(logdir),
+        owns_writer=writer is None,
+        log=log,
+        every=every,
+        histogram_every=histogram_every,
+        update_every=update_every,
+        optimizer=optimizer,
+        bins=bins,
+        strict=strict,
+    )

@@ -130,7 +130,7 @@ class Watcher(keras.callbacks.Callback):  # type: ignore[misc]
             if due is not None:
                 self._safely(lambda: self._after_apply(due), None)
             if tf.executing_eagerly():  # a custom eager loop: nothing else will write this step
-                self._safely(self._write_pending, None)
+                self._safely(self.write_pending, None)
             return result
 
         optimizer.apply = apply
@@ -225,7 +225,7 @@ class Watcher(keras.callbacks.Callback):  # type: ignore[misc]
         self._safely(lambda: self._wrap(getattr(self.model, "optimizer", None)), None)
 
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
-        self._safely(self._write_pending, None)
+        self._safely(self.write_pending, None)
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
         self._safely(self.writer.flush, None)
@@ -240,11 +240,14 @@ class Watcher(keras.callbacks.Callback):  # type: ignore[misc]
             if step is not None:
                 state.step.assign(step)
             self._before_apply(_Unscaled(), grads, variables)
-            self._write_pending()
+            self.write_pending()
 
         self._safely(record, None)
 
-    def _write_pending(self) -> None:
+    def write_pending(self) -> None:
+        """Write what the last step recorded, if it is a logged step. `fit` calls this after
+        every batch, and eager custom loops after every `apply`; a custom loop whose step is a
+        `tf.function` calls it after each step."""
         state = self._state
         if state is None:
             return

@@ -61,3 +61,44 @@ def test_torch_vanishing_gradients_shows_tanh_early_layers_vanishing(tmp_path) -
     # gradient its last hidden layer gets; relu's layers stay within the same order.
     assert late_norm("tanh", 0) < 0.02 * late_norm("tanh", 9)
     assert late_norm("relu", 0) > 0.2 * late_norm("relu", 9)
+
+
+def keras_run(path: str, *args: str) -> str:
+    requires("tensorflow")
+    requires("keras")
+    return run_example(path, *args)
+
+
+def test_keras_quickstart(tmp_path) -> None:
+    out = keras_run("keras/quickstart.py", "--logdir", str(tmp_path), "--epochs", "1")
+    assert f"tensorboard --logdir {tmp_path}" in out
+    events = read_events(str(tmp_path))
+    assert len(events.Scalars("gradients/conv/kernel/norm")) == 64  # 4096 images / 64 per batch
+    assert {"gradients/dense/kernel", "parameters/logits/bias"} <= set(events.Tags()["histograms"])
+    assert [e.step for e in events.Scalars("updates/conv/kernel/ratio")] == [0]
+
+
+def test_keras_gradient_tape_loop(tmp_path) -> None:
+    keras_run("keras/gradient_tape_loop.py", "--logdir", str(tmp_path), "--epochs", "5")
+    events = read_events(str(tmp_path))
+    for tag in ("gradients/layer1/kernel", "gradients/layer1/bias", "parameters/layer1/kernel"):
+        assert [e.step for e in events.Histograms(tag)] == [0, 1, 2, 3, 4]
+    assert len(events.Scalars("loss")) == 5
+
+
+def test_keras_vanishing_gradients_shows_tanh_early_layers_vanishing(tmp_path) -> None:
+    keras_run("keras/vanishing_gradients.py", "--logdir", str(tmp_path))
+
+    def late_norm(run: str, layer: int) -> float:
+        norms = [e.value for e in read_events(str(tmp_path / run)).Scalars(f"gradients/hidden_{layer}/kernel/norm")]
+        return float(np.median(norms[-100:]))
+
+    assert late_norm("tanh", 0) < 0.1 * late_norm("tanh", 9)
+    assert late_norm("relu", 0) > 0.5 * late_norm("relu", 9)
+
+
+def test_keras_binary_classifier(tmp_path) -> None:
+    keras_run("keras/binary_classifier.py", "--logdir", str(tmp_path), "--epochs", "2")
+    events = read_events(str(tmp_path / "gradients"))
+    assert len(events.Scalars("gradients/layer1/kernel/norm")) == 64  # 2000 / 64 -> 32 batches x 2 epochs
+    assert [e.step for e in events.Histograms("gradients/layer3/kernel")] == [0, 20, 40, 60]

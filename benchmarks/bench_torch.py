@@ -110,7 +110,8 @@ def main() -> None:
     times: dict[str, list[float]] = {mode: [] for mode in modes}
     counters = dict.fromkeys(modes, 0)
     for round_ in range(args.rounds + 1):  # round 0 warms up
-        for mode, (model, optimizer, tokens, extra) in modes.items():
+        order = list(modes.items())  # each round starts at another mode: no mode always goes first
+        for mode, (model, optimizer, tokens, extra) in order[round_ % len(order) :] + order[: round_ % len(order)]:
             for _ in range(args.steps):
                 sync()
                 start = time.perf_counter()

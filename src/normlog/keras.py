@@ -13,6 +13,7 @@ import math
 import warnings
 import weakref
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import keras
@@ -125,10 +126,10 @@ class Watcher(keras.callbacks.Callback):  # type: ignore[misc]
             variables = list(trainable_variables) if trainable_variables is not None else None
             if variables is None and optimizer.built:
                 variables = list(optimizer._trainable_variables)
-            due = self._safely(lambda: self._before_apply(optimizer, list(grads), variables or []), None)
+            pending = self._safely(lambda: self._before_apply(optimizer, list(grads), variables or []), None)
             result = original(grads, trainable_variables)
-            if due is not None:
-                self._safely(lambda: self._after_apply(due), None)
+            if pending is not None:
+                self._safely(lambda: self._after_apply(pending, measure_update=True), None)
             if tf.executing_eagerly():  # a custom eager loop: nothing else will write this step
                 self._safely(self.write_pending, None)
             return result
@@ -142,7 +143,8 @@ class Watcher(keras.callbacks.Callback):  # type: ignore[misc]
 
     # -- inside the (traced) train step -----------------------------------------------
 
-    def _before_apply(self, optimizer: Any, grads: list[Any], variables: list[Any]) -> tf.Tensor:
+    def _before_apply(self, optimizer: Any, grads: list[Any], variables: list[Any]) -> _Pending:
+        """Statistics of this step's gradients and (pre-update) weights, as graph tensors."""
         pairs = [(g, v) for g, v in zip(grads, variables) if g is not None]
         state = self._ensure_state([v for _, v in pairs])
         step = state.step.read_value()
@@ -150,30 +152,28 @@ class Watcher(keras.callbacks.Callback):  # type: ignore[misc]
         # The optimizer divides by its loss scale after this point: undo it here too.
         scale = tf.cast(optimizer.scale_loss(tf.constant(1.0)), tf.float64)
         dense = [(tf.convert_to_tensor(g), v) for g, v in pairs if id(v) in index]
-        has_grad = np.zeros(len(state.variables), dtype=bool)
-        has_grad[[index[id(v)] for _, v in dense]] = True
-        norms = {index[id(v)]: _norm(g) / scale for g, v in dense}
-        nonfinite = {index[id(v)]: _nonfinite(g) for g, v in dense}
+        grad_of = {id(v): g for g, v in dense}
         missing = tf.constant(math.nan, tf.float64)
-        stats = tf.stack(
-            [tf.stack([norms.get(i, missing), nonfinite.get(i, missing)]) for i in range(len(state.variables))]
+        norms, nonfinite = [], []
+        for variable in state.variables:
+            grad = grad_of.get(id(variable))
+            norms.append(missing if grad is None else _norm(grad) / scale)
+            nonfinite.append(missing if grad is None else _nonfinite(grad))
+        count = len(state.variables)
+        weight_norms = (
+            tf.stack([_norm(tf.convert_to_tensor(v)) for v in state.variables])
+            if self._log_parameters
+            else tf.zeros([count], tf.float64)
         )
-        state.stats.assign(stats)
-        state.has_grad.assign(has_grad)
-        if self._log_parameters:
-            state.weight_norms.assign(tf.stack([_norm(tf.convert_to_tensor(v)) for v in state.variables]))
-        state.stats_step.assign(step)
-        state.loss_scale.assign(scale)
 
         if self._histogram_every is not None:
 
             def histograms() -> tf.Tensor:
-                grad_of = {id(v): g for g, v in dense}
                 rows = []
                 for variable in state.variables:
                     grad = grad_of.get(id(variable))
                     if grad is None:  # no gradient this step: a row of NaN, skipped on the host
-                        rows.append(tf.fill([8 + self._bins], tf.constant(math.nan, tf.float64)))
+                        rows.append(tf.fill([8 + self._bins], missing))
                     else:
                         rows.append(_histogram_row(grad / tf.cast(scale, grad.dtype), self._bins))
                 if self._log_parameters:
@@ -195,21 +195,33 @@ class Watcher(keras.callbacks.Callback):  # type: ignore[misc]
 
             tf.cond(due, snapshot, lambda: tf.constant(False))
         state.step.assign_add(1)
-        return due
+        scalars = tf.concat([tf.stack([scale]), tf.stack(norms), tf.stack(nonfinite), weight_norms], 0)
+        return _Pending(step, due, scalars)
 
-    def _after_apply(self, due: tf.Tensor) -> None:
+    def _after_apply(self, pending: _Pending, measure_update: bool) -> None:
+        """After the optimizer's update: the update ratios if due, then one vector that the
+        callback reads with a single transfer."""
         state = self._state
-        if state is None or not state.shadows:
-            return
+        assert state is not None
+        if measure_update and state.shadows:
 
-        def measure() -> tf.Tensor:
-            state.updates.assign(
-                tf.stack([_norm(tf.convert_to_tensor(v) - s) for v, s in zip(state.variables, state.shadows)])
-            )
-            state.update_step.assign(state.stats_step)
-            return tf.constant(True)
+            def measure() -> tf.Tensor:
+                state.updates.assign(
+                    tf.stack(
+                        [
+                            _norm(tf.convert_to_tensor(v) - s) / _norm(tf.convert_to_tensor(s))
+                            for v, s in zip(state.variables, state.shadows)
+                        ]
+                    )
+                )
+                state.update_step.assign(pending.step)
+                return tf.constant(True)
 
-        tf.cond(due, measure, lambda: tf.constant(False))
+            tf.cond(pending.due, measure, lambda: tf.constant(False))
+        steps = tf.cast(
+            tf.stack([pending.step, state.histogram_step.read_value(), state.update_step.read_value()]), tf.float64
+        )
+        state.summary.assign(tf.concat([steps, pending.scalars], 0))
 
     def _ensure_state(self, variables: list[Any]) -> _State:
         if self._state is None:
@@ -239,7 +251,7 @@ class Watcher(keras.callbacks.Callback):  # type: ignore[misc]
             state = self._ensure_state([v for g, v in zip(grads, variables) if g is not None])
             if step is not None:
                 state.step.assign(step)
-            self._before_apply(_Unscaled(), grads, variables)
+            self._after_apply(self._before_apply(_Unscaled(), grads, variables), measure_update=False)
             self.write_pending()
 
         self._safely(record, None)
@@ -251,55 +263,55 @@ class Watcher(keras.callbacks.Callback):  # type: ignore[misc]
         state = self._state
         if state is None:
             return
-        step = int(state.stats_step.numpy())
+        summary = state.summary.numpy()  # the one read of a batch
+        step, histogram_step, update_step = (int(v) for v in summary[:3])
+        count = len(state.names)
+        scale, norms, nonfinite, weight_norms = (
+            summary[3],
+            summary[4 : 4 + count],
+            summary[4 + count : 4 + 2 * count],
+            summary[4 + 2 * count :],
+        )
         scalars: list[tuple[str, float]] = []
         histograms: list[tuple[str, Histogram]] = []
-        if step != self._written["stats"] and step % self._every == 0:
+        if step >= 0 and step != self._written["stats"] and step % self._every == 0:
             self._written["stats"] = step
-            scalars += self._stat_scalars(state, step)
-        histogram_step = int(state.histogram_step.numpy())
+            scalars += self._stat_scalars(state, step, norms, nonfinite, weight_norms)
+            if scale != 1.0:
+                scalars.append(("amp/loss_scale", float(scale)))
         if histogram_step >= 0 and histogram_step != self._written["histograms"]:
             self._written["histograms"] = histogram_step
-            histograms += self._histograms(state)
+            histograms = self._histograms(state)
             if histogram_step != step:
                 self.writer._summary([], histogram_step, None, histograms)
                 histograms = []
-        update_step = int(state.update_step.numpy())
         if update_step >= 0 and update_step != self._written["updates"]:
             self._written["updates"] = update_step
-            updates, weights = state.updates.numpy(), state.weight_norms.numpy()
-            ratios = [
-                (f"updates/{name}/ratio", float(u / w) if w else math.inf)
-                for name, u, w in zip(state.names, updates, weights)
-            ]
+            ratios = [(f"updates/{name}/ratio", float(r)) for name, r in zip(state.names, state.updates.numpy())]
             self.writer._summary(ratios, update_step, None)
         if scalars or histograms:
             self.writer._summary(scalars, step, None, histograms)
 
-    def _stat_scalars(self, state: _State, step: int) -> list[tuple[str, float]]:
-        stats, has_grad = state.stats.numpy(), state.has_grad.numpy()
+    def _stat_scalars(
+        self, state: _State, step: int, norms: np.ndarray, nonfinite: np.ndarray, weight_norms: np.ndarray
+    ) -> list[tuple[str, float]]:
         scalars: list[tuple[str, float]] = []
         if self._log_gradients:
             squares = 0.0
-            for name, (norm, nonfinite), present in zip(state.names, stats, has_grad):
-                if not present:
+            for name, norm, bad in zip(state.names, norms, nonfinite):
+                if math.isnan(bad):  # no gradient for this variable this step
                     continue
                 scalars.append((f"gradients/{name}/norm", float(norm)))
                 squares += float(norm) ** 2
-                if nonfinite:
-                    scalars.append((f"gradients/{name}/nonfinite", float(nonfinite)))
+                if bad:
+                    scalars.append((f"gradients/{name}/nonfinite", float(bad)))
                     self._warn_once(
                         f"nonfinite:{name}",
-                        f"normlog: {int(nonfinite)} NaN/Inf values in the gradients of {name!r} at step {step}",
+                        f"normlog: {int(bad)} NaN/Inf values in the gradients of {name!r} at step {step}",
                     )
             scalars.append(("gradients/global_norm", math.sqrt(squares)))
         if self._log_parameters:
-            scalars += [
-                (f"parameters/{name}/norm", float(norm)) for name, norm in zip(state.names, state.weight_norms.numpy())
-            ]
-        scale = float(state.loss_scale.numpy())
-        if scale != 1.0:
-            scalars.append(("amp/loss_scale", scale))
+            scalars += [(f"parameters/{name}/norm", float(norm)) for name, norm in zip(state.names, weight_norms)]
         return scalars
 
     def _histograms(self, state: _State) -> list[tuple[str, Histogram]]:
@@ -348,6 +360,15 @@ class Watcher(keras.callbacks.Callback):  # type: ignore[misc]
             self.writer.close()
 
 
+@dataclass
+class _Pending:
+    """One step's statistics, computed before the optimizer's update and published after it."""
+
+    step: tf.Tensor
+    due: tf.Tensor
+    scalars: tf.Tensor
+
+
 class _Unscaled:
     """Stands in for an optimizer in `log_gradients`: gradients from a tape are unscaled."""
 
@@ -370,11 +391,12 @@ class _State:
             return tf.Variable(value, trainable=False)
 
         self.step = make(tf.constant(0, tf.int64))
-        self.stats_step = make(tf.constant(-1, tf.int64))
-        self.stats = make(tf.zeros([count, 2], tf.float64))
-        self.has_grad = make(tf.zeros([count], tf.bool))
-        self.weight_norms = make(tf.zeros([count], tf.float64))
-        self.loss_scale = make(tf.constant(1.0, tf.float64))
+        # [step, histogram step, update step, loss scale, norms, NaN/Inf counts, weight norms]:
+        # what the callback reads after every batch, in one transfer. NaN counts mark variables
+        # that had no gradient.
+        self.summary = make(
+            tf.concat([tf.constant([-1.0, -1.0, -1.0, 1.0], tf.float64), tf.zeros([3 * count], tf.float64)], 0)
+        )
         self.histogram_step = make(tf.constant(-1, tf.int64))
         self.histograms = make(tf.zeros([2 * count, 8 + bins], tf.float64))
         self.update_step = make(tf.constant(-1, tf.int64))

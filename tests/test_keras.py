@@ -317,3 +317,32 @@ def test_other_keras_backends_get_a_clear_error() -> None:
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert "supports Keras 3 with the TensorFlow backend" in result.stdout, result.stdout + result.stderr
     assert "'torch'" in result.stdout
+
+
+def test_a_trainable_layer_outside_the_forward_pass_is_skipped(tmp_path) -> None:
+    class Net(keras.Model):
+        def __init__(self) -> None:
+            super().__init__(name="net")
+            self.used = keras.layers.Dense(1, name="used")
+            self.unused = keras.layers.Dense(1, name="unused")
+            self.unused.build((None, 8))
+
+        def call(self, x):
+            return self.used(x)
+
+    keras.utils.set_random_seed(0)
+    model = Net()
+    model.compile(optimizer="sgd", loss="mse")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Keras' own warning about the missing gradients
+        model.fit(
+            X,
+            Y,
+            batch_size=64,
+            epochs=1,
+            verbose=0,
+            callbacks=[normlog.keras.watch(model, str(tmp_path), strict=True, histogram_every=1)],
+        )
+    events = read_events(str(tmp_path))
+    assert len(scalars(events, "gradients/used/kernel/norm")) == 4
+    assert not any("unused" in tag for tag in events.Tags()["scalars"] + events.Tags()["histograms"])

@@ -105,7 +105,7 @@ class Watcher(keras.callbacks.Callback):  # type: ignore[misc]
         self._bins = bins
         self._strict = strict
         self._warned: set[str] = set()
-        self._wrapped: list[tuple[keras.optimizers.Optimizer, Callable[..., Any]]] = []
+        self._wrapped: list[keras.optimizers.Optimizer] = []
         self._state: _State | None = None
         self._written = {"stats": -1, "histograms": -1, "updates": -1}
         self._wrap(optimizer if optimizer is not None else getattr(model, "optimizer", None))
@@ -118,7 +118,7 @@ class Watcher(keras.callbacks.Callback):  # type: ignore[misc]
     # -- installing ------------------------------------------------------------------
 
     def _wrap(self, optimizer: keras.optimizers.Optimizer | None) -> None:
-        if optimizer is None or any(wrapped is optimizer for wrapped, _ in self._wrapped):
+        if optimizer is None or any(wrapped is optimizer for wrapped in self._wrapped):
             return
         original = optimizer.apply  # the bound method of the class, or another wrapper
 
@@ -135,7 +135,7 @@ class Watcher(keras.callbacks.Callback):  # type: ignore[misc]
             return result
 
         optimizer.apply = apply
-        self._wrapped.append((optimizer, original))
+        self._wrapped.append(optimizer)
         model = self._watched()
         if model is not None and getattr(model, "train_function", None) is not None:
             # fit traced its step before the hook existed: make it trace again, through the hook.
@@ -350,8 +350,8 @@ class Watcher(keras.callbacks.Callback):  # type: ignore[misc]
 
     def unwatch(self) -> None:
         """Restore the optimizers' own `apply`; close the writer if `watch` made it."""
-        for optimizer, _ in self._wrapped:
-            optimizer.__dict__.pop("apply", None)
+        for optimizer in self._wrapped:
+            optimizer.__dict__.pop("apply", None)  # back to the class's method
         self._wrapped.clear()
         model = self._watched()
         if model is not None and getattr(model, "train_function", None) is not None:

@@ -346,3 +346,27 @@ def test_a_trainable_layer_outside_the_forward_pass_is_skipped(tmp_path) -> None
     events = read_events(str(tmp_path))
     assert len(scalars(events, "gradients/used/kernel/norm")) == 4
     assert not any("unused" in tag for tag in events.Tags()["scalars"] + events.Tags()["histograms"])
+
+
+def test_mixed_float16_policy_logs_unscaled_float32_gradient_norms(tmp_path) -> None:
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model = make_model()  # compile wraps the optimizer in a LossScaleOptimizer
+        assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+        expected = tape_gradients(model, X[:32], Y[:32])
+        model.fit(
+            X,
+            Y,
+            batch_size=32,
+            epochs=1,
+            shuffle=False,
+            verbose=0,
+            callbacks=[normlog.keras.watch(model, str(tmp_path), histogram_every=1)],
+        )
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    events = read_events(str(tmp_path))
+    logged = scalars(events, "gradients/dense/kernel/norm")[0]
+    assert logged == pytest.approx(np.linalg.norm(expected["dense/kernel"].astype(np.float64)), rel=1e-3)
+    assert scalars(events, "amp/loss_scale")[0] == model.optimizer.initial_scale
+    assert events.Histograms("gradients/dense/kernel")[0].histogram_value.max < 1e3  # unscaled values

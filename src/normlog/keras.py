@@ -21,6 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from normlog._core import Histogram, _histogram_from_row
+from normlog.health import Finding, Monitor, StepValues, Thresholds, announce
 from normlog.writer import Writer
 
 __all__ = ["Watcher", "watch"]
@@ -85,6 +86,8 @@ class Watcher(keras.callbacks.Callback):  # type: ignore[misc]
         optimizer: keras.optimizers.Optimizer | None,
         bins: int,
         strict: bool,
+        health: bool | Thresholds,
+        health_via: Literal["warnings", "logging"],
     ) -> None:
         super().__init__()
         if log not in ("gradients", "parameters", "all"):
@@ -108,6 +111,8 @@ class Watcher(keras.callbacks.Callback):  # type: ignore[misc]
         self._wrapped: list[keras.optimizers.Optimizer] = []
         self._state: _State | None = None
         self._written = {"stats": -1, "histograms": -1, "updates": -1}
+        self._monitor = Monitor(health if isinstance(health, Thresholds) else None) if health else None
+        self._health_via = health_via
         self._wrap(optimizer if optimizer is not None else getattr(model, "optimizer", None))
 
     @property
@@ -274,9 +279,11 @@ class Watcher(keras.callbacks.Callback):  # type: ignore[misc]
         )
         scalars: list[tuple[str, float]] = []
         histograms: list[tuple[str, Histogram]] = []
+        observed: StepValues | None = None
         if step >= 0 and step != self._written["stats"] and step % self._every == 0:
             self._written["stats"] = step
             scalars += self._stat_scalars(state, step, norms, nonfinite, weight_norms)
+            observed = self._step_values(state, step, norms, nonfinite, weight_norms)
             if scale != 1.0:
                 scalars.append(("amp/loss_scale", float(scale)))
         if histogram_step >= 0 and histogram_step != self._written["histograms"]:
@@ -287,10 +294,33 @@ class Watcher(keras.callbacks.Callback):  # type: ignore[misc]
                 histograms = []
         if update_step >= 0 and update_step != self._written["updates"]:
             self._written["updates"] = update_step
-            ratios = [(f"updates/{name}/ratio", float(r)) for name, r in zip(state.names, state.updates.numpy())]
-            self.writer._summary(ratios, update_step, None)
+            ratios = {name: float(r) for name, r in zip(state.names, state.updates.numpy())}
+            self.writer._summary([(f"updates/{name}/ratio", r) for name, r in ratios.items()], update_step, None)
+            if observed is not None and update_step == step:
+                observed.update_ratios = ratios
         if scalars or histograms:
             self.writer._summary(scalars, step, None, histograms)
+        if observed is not None and self._monitor is not None:
+            announce(self._monitor.observe(observed), self.writer, self._health_via)
+
+    def _step_values(
+        self, state: _State, step: int, norms: np.ndarray, nonfinite: np.ndarray, weight_norms: np.ndarray
+    ) -> StepValues:
+        """The same numbers as the scalars, for the health rules."""
+        present = [(name, float(n), float(c)) for name, n, c in zip(state.names, norms, nonfinite) if not math.isnan(c)]
+        values = StepValues(step)
+        if self._log_gradients:
+            values.grad_norms = {name: n for name, n, _ in present}
+            values.grad_nonfinite = {name: c for name, _, c in present if c}
+            values.global_norm = math.sqrt(sum(n * n for _, n, _ in present))
+        if self._log_parameters:
+            values.weight_norms = {name: float(w) for name, w in zip(state.names, weight_norms)}
+        return values
+
+    @property
+    def findings(self) -> list[Finding]:
+        """Every training-health finding so far (see `normlog.health`)."""
+        return [] if self._monitor is None else list(self._monitor.findings)
 
     def _stat_scalars(
         self, state: _State, step: int, norms: np.ndarray, nonfinite: np.ndarray, weight_norms: np.ndarray
@@ -416,6 +446,8 @@ def watch(
     optimizer: keras.optimizers.Optimizer | None = None,
     bins: int = 30,
     strict: bool = False,
+    health: bool | Thresholds = True,
+    health_via: Literal["warnings", "logging"] = "warnings",
 ) -> Watcher:
     """A callback for `model.fit(..., callbacks=[...])` that logs, per training step (batch,
     from 0), the gradient each step really used and the weights: norms every `every` steps,
@@ -424,6 +456,7 @@ def watch(
     The gradients are the raw ones handed to the optimizer: before `global_clipnorm`
     clipping, before `gradient_accumulation_steps` averaging, and unscaled for mixed
     precision. `optimizer=` watches an optimizer other than `model.optimizer` (custom loops).
+    `health` and `health_via` run the training-health rules, as in `normlog.watch`.
     """
     _check_backend()
     if writer is not None and logdir is not None:
@@ -439,4 +472,6 @@ def watch(
         optimizer=optimizer,
         bins=bins,
         strict=strict,
+        health=health,
+        health_via=health_via,
     )

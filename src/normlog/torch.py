@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from normlog._core import Histogram, _histogram_from_row
+from normlog.health import Finding, Monitor, StepValues, Thresholds, announce
 from normlog.writer import Writer
 
 __all__ = ["Watcher", "unwatch", "watch"]
@@ -123,6 +124,8 @@ class Watcher:
         bins: int,
         log_activations: bool,
         strict: bool,
+        health: bool | Thresholds,
+        health_via: Literal["warnings", "logging"],
     ) -> None:
         if log not in ("gradients", "parameters", "all"):
             raise ValueError(f"log must be 'gradients', 'parameters' or 'all', got {log!r}")
@@ -151,6 +154,8 @@ class Watcher:
         self._stepped = False
         self._restore: list[Callable[[], None]] = []
         self._activations: list[tuple[str, torch.Tensor]] = []
+        self._monitor = Monitor(health if isinstance(health, Thresholds) else None) if health else None
+        self._health_via = health_via
 
         if optimizer is not None:
             watched = {id(p) for _, p in self._params}
@@ -301,6 +306,7 @@ class Watcher:
         scalars: list[tuple[str, float]] = []
         histograms: list[tuple[str, Histogram]] = []
         parameter_norms: dict[str, float] = {}
+        values = StepValues(step)
         index = 0
         for kind, names, _ in pending.groups:
             squares = 0.0
@@ -310,12 +316,17 @@ class Watcher:
                 squares += norm * norm
                 if kind == "parameters":
                     parameter_norms[name] = norm
+                    values.weight_norms[name] = norm
+                elif kind == "gradients":
+                    values.grad_norms[name] = norm
                 if not math.isfinite(norm):
                     # Rare: NaN/Inf present (or a float32 overflow). Count them on the device.
                     row = _histogram_row(pending.tensors[index], self._bins, mask_nonfinite=True).cpu().numpy()
                     nonfinite = int(row[5:8].sum())
                     if nonfinite:
                         scalars.append((f"{kind}/{name}/nonfinite", nonfinite))
+                        counts = values.grad_nonfinite if kind == "gradients" else values.weight_nonfinite
+                        counts[name] = nonfinite
                         self._warn_once(
                             f"nonfinite:{kind}/{name}",
                             f"normlog: {nonfinite} NaN/Inf values in the {kind} of {name!r} at step {step}",
@@ -327,11 +338,21 @@ class Watcher:
                 index += 1
             if kind == "gradients":
                 scalars.append(("gradients/global_norm", math.sqrt(squares)))
+                values.global_norm = math.sqrt(squares)
         if pending.update_norms is not None:
             for (name, _), update in zip(pending.updated, update_norms):
                 weight = parameter_norms.get(name, math.nan)
-                scalars.append((f"updates/{name}/ratio", float(update) / weight if weight else math.inf))
+                ratio = float(update) / weight if weight else math.inf
+                scalars.append((f"updates/{name}/ratio", ratio))
+                values.update_ratios[name] = ratio
         self.writer._summary(scalars, step, None, histograms)
+        if self._monitor is not None:
+            announce(self._monitor.observe(values), self.writer, self._health_via)
+
+    @property
+    def findings(self) -> list[Finding]:
+        """Every training-health finding so far (see `normlog.health`)."""
+        return [] if self._monitor is None else list(self._monitor.findings)
 
     # -- errors and life cycle -----------------------------------------------------------
 
@@ -384,6 +405,8 @@ def watch(
     bins: int = 30,
     log_activations: bool = False,
     strict: bool = False,
+    health: bool | Thresholds = True,
+    health_via: Literal["warnings", "logging"] = "warnings",
 ) -> Watcher:
     """Log `model`'s gradient and weight norms every `every` steps and histograms every
     `histogram_every` steps, to `logdir` (or to `writer`).
@@ -394,7 +417,10 @@ def watch(
     copy of the weights). With `scaler` (a `torch.amp.GradScaler`) too, the steps the scaler
     skips for Inf/NaN are still logged, with `amp/skipped_step`, and `amp/loss_scale` is
     logged every `every` steps. Without an optimizer, a step is one backward pass.
-    Watching a model again replaces its hooks.
+    Watching a model again replaces its hooks. With `health` (on by default; or pass
+    `normlog.health.Thresholds`), the rules of `normlog.health` run on every logged step and
+    report findings as HealthWarnings (or `logging` records with `health_via="logging"`) and
+    under `health/` in TensorBoard.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"normlog.watch expects a torch.nn.Module, got {type(model).__name__}")
@@ -415,6 +441,8 @@ def watch(
         bins=bins,
         log_activations=log_activations,
         strict=strict,
+        health=health,
+        health_via=health_via,
     )
     _WATCHERS[model] = watcher
     return watcher

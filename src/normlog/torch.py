@@ -321,6 +321,8 @@ class Watcher:
                     values.grad_norms[name] = norm
                 if not math.isfinite(norm):
                     # Rare: NaN/Inf present (or a float32 overflow). Count them on the device.
+                    # With an optimizer this runs after its update: a weight's count includes
+                    # what a NaN gradient spread in that update (its norm is from before).
                     row = _histogram_row(pending.tensors[index], self._bins, mask_nonfinite=True).cpu().numpy()
                     nonfinite = int(row[5:8].sum())
                     if nonfinite:

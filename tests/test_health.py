@@ -1,0 +1,363 @@
+"""Training-health rules, `normlog report` and `normlog plot`, and the issue's scenarios
+through both adapters."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+
+import normlog
+from helpers import read_events, requires, scalars
+from normlog.health import Monitor, StepValues, Thresholds, evaluate
+from normlog.report import load_runs, main
+
+EXAMPLES = os.path.join(os.path.dirname(__file__), os.pardir, "examples")
+
+
+def example(path: str):
+    spec = importlib.util.spec_from_file_location(path.replace("/", "_")[:-3], os.path.join(EXAMPLES, path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def rules(findings, rule: str) -> dict[str, int]:
+    """tensor -> step of its first finding of `rule`"""
+    out: dict[str, int] = {}
+    for finding in findings:
+        if finding.rule == rule:
+            out.setdefault(finding.tensor, finding.step)
+    return out
+
+
+# -- the rules on synthetic norms ---------------------------------------------------------
+
+
+def test_exploding_is_a_jump_over_the_running_median_reported_once() -> None:
+    steps = [StepValues(s, grad_norms={"w": 1.0 + 0.1 * (s % 3)}) for s in range(30)]
+    steps[20].grad_norms["w"] = 50.0
+    steps[21].grad_norms["w"] = 60.0
+    found = evaluate(steps)
+    assert [(f.rule, f.tensor, f.step) for f in found] == [("exploding", "w", 20)]
+    assert "50" in found[0].message and "median" in found[0].message
+    assert evaluate(steps, Thresholds(explode_bound=1.15)) != []  # an absolute bound works too
+
+
+def test_vanishing_needs_a_later_layer_that_learns() -> None:
+    def step(s: int, late: float) -> StepValues:
+        return StepValues(s, grad_norms={"early": 1e-5, "late": late}, weight_norms={"early": 1.0, "late": 1.0})
+
+    assert rules(evaluate([step(s, 0.1) for s in range(60)]), "vanishing") == {"early": 49}
+    assert rules(evaluate([step(s, 1e-6) for s in range(60)]), "vanishing") == {}  # nothing learns
+
+
+def test_dead_stalled_and_diverging() -> None:
+    steps = [
+        StepValues(
+            s,
+            grad_norms={"dead": 0.0, "alive": 1.0},
+            weight_norms={"grows": 1.0 * 1.01**s, "flat": 1.0},
+            update_ratios={"stuck": 1e-8, "fine": 1e-3},
+        )
+        for s in range(220)
+    ]
+    found = evaluate(steps)
+    assert rules(found, "dead") == {"dead": 9}
+    assert rules(found, "stalled") == {"stuck": 2}
+    assert rules(found, "diverging") == {"grows": 200}
+    assert len(found) == 3  # once per episode: no flood
+
+
+def test_nonfinite_reports_the_first_step_of_each_episode() -> None:
+    steps = [StepValues(s, grad_norms={"g": 1.0}, weight_norms={"w": 1.0}) for s in range(60)]
+    steps[5].weight_nonfinite["w"] = 3.0
+    steps[6].weight_norms["w"] = math.nan  # a norm that is itself NaN counts too
+    steps[40].grad_nonfinite["g"] = 1.0
+    found = evaluate(steps)
+    assert [(f.rule, f.tensor, f.step, f.kind) for f in found] == [
+        ("nonfinite", "w", 5, "parameters"),
+        ("nonfinite", "g", 40, "gradients"),
+    ]
+
+
+def test_an_episode_rearms_only_after_it_has_cleared() -> None:
+    monitor = Monitor(Thresholds(rearm_steps=5))
+    pattern = [True, True, False, True, False, False, False, False, False, True]
+    found = [
+        monitor.observe(StepValues(s, grad_nonfinite={"g": float(bad)}, grad_norms={"g": 1.0}))
+        for s, bad in enumerate(pattern)
+    ]
+    assert [s for s, f in enumerate(found) if f] == [0, 9]
+
+
+# -- report and plot ----------------------------------------------------------------------
+
+
+def write_run(logdir: str, grad_norms: dict[str, list[float]], weight_norms: dict[str, list[float]]) -> None:
+    """Logs made with direct Writer calls only: no adapter, no online rules."""
+    with normlog.Writer(logdir) as writer:
+        for step in range(len(next(iter(grad_norms.values())))):
+            for name, norms in grad_norms.items():
+                writer.add_scalar(f"gradients/{name}/norm", norms[step], step)
+            for name, norms in weight_norms.items():
+                writer.add_scalar(f"parameters/{name}/norm", norms[step], step)
+
+
+def test_report_json_contract_and_fail_on(tmp_path, capsys) -> None:
+    spikes = [1.0] * 30
+    spikes[25] = 100.0
+    write_run(str(tmp_path / "spiky"), {"layer.weight": spikes}, {"layer.weight": [2.0] * 30})
+    write_run(str(tmp_path / "calm"), {"layer.weight": [1.0] * 30}, {"layer.weight": [2.0] * 30})
+    assert main(["report", str(tmp_path), "--json"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert set(document["runs"]) == {"spiky", "calm"}
+    (finding,) = document["runs"]["spiky"]["findings"]
+    assert (finding["rule"], finding["tensor"], finding["step"]) == ("exploding", "layer.weight", 25)
+    assert set(finding) == {"rule", "tensor", "step", "message"}
+    table = document["runs"]["spiky"]["tensors"]["layer.weight"]
+    assert table["grad_norm"] == {"last": 1.0, "median": 1.0, "max": 100.0}
+    assert (table["weight_norm"], table["flags"]) == (2.0, ["exploding"])
+    assert document["runs"]["calm"]["findings"] == []
+    assert main(["report", str(tmp_path), "--fail-on", "exploding"]) == 1
+    assert main(["report", str(tmp_path), "--fail-on", "vanishing,dead"]) == 0
+    assert main(["report", str(tmp_path), "--fail-on", "bogus"]) == 2
+
+
+def test_report_prints_a_plain_table_off_a_terminal(tmp_path) -> None:
+    write_run(str(tmp_path / "run"), {"a": [1.0] * 12, "b": [0.0] * 12}, {"a": [1.0] * 12, "b": [1.0] * 12})
+    result = subprocess.run(
+        [sys.executable, "-m", "normlog", "report", str(tmp_path)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert "run run: 12 logged steps, 1 findings" in result.stdout
+    assert "[dead] step 9" in result.stdout
+    assert "\x1b[" not in result.stdout  # no terminal styling in a pipe
+
+
+def test_plot_writes_a_png_and_can_write_it_to_tensorboard(tmp_path) -> None:
+    requires("matplotlib")
+    write_run(str(tmp_path / "run"), {"a": [1.0, 0.5, 0.25], "b": [2.0, 2.0, 2.0]}, {"a": [1.0] * 3, "b": [1.0] * 3})
+    target = tmp_path / "norms.png"
+    assert main(["plot", str(tmp_path), "-o", str(target), "--tensorboard"]) == 0
+    assert target.read_bytes().startswith(b"\x89PNG")
+    (image,) = read_events(str(tmp_path / "normlog_plot")).Images("health/gradient_norms")
+    assert image.width > 100
+
+
+def test_report_on_an_empty_or_missing_logdir(tmp_path, capsys) -> None:
+    assert main(["report", str(tmp_path / "nowhere")]) == 2
+    assert main(["report", str(tmp_path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"runs": {}}
+
+
+# -- the scenarios, through both adapters ------------------------------------------------------
+
+
+def torch_vanishing(logdir: str, activation: str):
+    torch = requires("torch")
+    from torch import nn
+
+    module = example("torch/vanishing_gradients.py")
+    torch.manual_seed(0)
+    x, y = module.two_circles(1000, noise=0.1)
+    model = module.MLP(activation)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", normlog.health.HealthWarning)
+        with normlog.watch(model, logdir, optimizer=optimizer, histogram_every=None) as watcher:
+            for _ in range(15):
+                for batch in torch.randperm(500).split(32):
+                    loss = nn.functional.binary_cross_entropy_with_logits(model(x[:500][batch]), y[:500][batch])
+                    optimizer.zero_grad()
+                    loss.backward()
+                    optimizer.step()
+    return watcher.findings
+
+
+def test_torch_deep_tanh_vanishes_in_its_early_layers_and_relu_does_not(tmp_path) -> None:
+    tanh = torch_vanishing(str(tmp_path / "tanh"), "tanh")
+    vanishing = rules(tanh, "vanishing")
+    assert {"layers.0.weight", "layers.1.weight"} <= set(vanishing)
+    assert not {"layers.8.weight", "layers.9.weight"} & set(vanishing)
+    assert rules(torch_vanishing(str(tmp_path / "relu"), "relu"), "vanishing") == {}
+    # report, from the event files alone, finds what the online monitor found
+    (run,) = [r for r in load_runs(str(tmp_path))[0] if r.name == "tanh"]
+    assert [(f.rule, f.tensor, f.step) for f in run.findings] == [(f.rule, f.tensor, f.step) for f in tanh]
+
+
+def test_torch_a_huge_learning_rate_explodes(tmp_path) -> None:
+    torch = requires("torch")
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 32), nn.ReLU(), nn.Linear(32, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=10.0)
+    x, y = torch.randn(64, 4), torch.randn(64, 1)
+    watcher = normlog.watch(model, str(tmp_path), optimizer=optimizer)
+
+    def train() -> None:
+        for _ in range(20):
+            optimizer.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            optimizer.step()
+
+    with pytest.warns(normlog.health.HealthWarning, match=r"\[exploding\]"):
+        train()
+    watcher.unwatch()
+    assert rules(watcher.findings, "exploding")
+    events = read_events(str(tmp_path))
+    assert any(tag.startswith("health/exploding/") for tag in events.Tags()["scalars"])
+
+
+def test_torch_a_nan_weight_is_found_at_its_step_with_its_name(tmp_path) -> None:
+    torch = requires("torch")
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = torch.randn(32, 4), torch.randn(32, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with normlog.watch(model, str(tmp_path), optimizer=optimizer) as watcher:
+            for step in range(10):
+                if step == 6:
+                    with torch.no_grad():
+                        model[2].weight[0, 3] = float("nan")
+                optimizer.zero_grad()
+                nn.functional.mse_loss(model(x), y).backward()
+                optimizer.step()
+    weights = [(f.tensor, f.step) for f in watcher.findings if f.rule == "nonfinite" and f.kind == "parameters"]
+    assert weights[0] == ("2.weight", 6)
+    events = read_events(str(tmp_path))
+    texts = [e.tensor_proto.string_val[0].decode() for e in events.Tensors("health/nonfinite/text_summary")]
+    # the count is taken after the optimizer's update, which spreads the NaN: the finding,
+    # its tensor and its step are exact
+    assert any(text.startswith("step 6: weight of '2.weight' holds NaN/Inf at step 6") for text in texts)
+    assert scalars(events, "health/nonfinite/2.weight") == {6: 1.0}
+
+
+def test_torch_a_frozen_layer_is_neither_dead_nor_stalled(tmp_path) -> None:
+    torch = requires("torch")
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    model[0].requires_grad_(False)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    x, y = torch.randn(32, 4), torch.randn(32, 1)
+    with normlog.watch(model, str(tmp_path), optimizer=optimizer, update_every=1) as watcher:
+        for _ in range(30):
+            optimizer.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            optimizer.step()
+    assert not [f for f in watcher.findings if f.tensor.startswith("0.")]
+    assert not [f for f in watcher.findings if f.rule in ("dead", "stalled")]
+
+
+def keras_vanishing(logdir: str, activation: str):
+    keras = requires("keras")
+    requires("tensorflow")
+    import normlog.keras
+
+    module = example("keras/vanishing_gradients.py")
+    x, y = module.two_circles(1000, noise=0.1)
+    keras.utils.set_random_seed(0)
+    model = module.build(activation)
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.01, momentum=0.9), loss=keras.losses.BinaryCrossentropy(from_logits=True)
+    )
+    watcher = normlog.keras.watch(model, logdir, histogram_every=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", normlog.health.HealthWarning)
+        model.fit(x[:500], y[:500], batch_size=32, epochs=15, verbose=0, callbacks=[watcher])
+    watcher.unwatch()
+    return watcher.findings
+
+
+def test_keras_deep_tanh_vanishes_in_its_early_layers_and_relu_does_not(tmp_path) -> None:
+    tanh = keras_vanishing(str(tmp_path / "tanh"), "tanh")
+    vanishing = rules(tanh, "vanishing")
+    assert {"hidden_0/kernel", "hidden_1/kernel"} <= set(vanishing)
+    assert not {"hidden_8/kernel", "hidden_9/kernel"} & set(vanishing)
+    assert rules(keras_vanishing(str(tmp_path / "relu"), "relu"), "vanishing") == {}
+    (run,) = [r for r in load_runs(str(tmp_path))[0] if r.name == "tanh"]
+    assert [(f.rule, f.tensor, f.step) for f in run.findings] == [(f.rule, f.tensor, f.step) for f in tanh]
+
+
+def keras_model(frozen: bool = False):
+    keras = requires("keras")
+    requires("tensorflow")
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(32, activation="relu", name="first", trainable=not frozen),
+            keras.layers.Dense(1, name="out"),
+        ],
+        name="net",
+    )
+    return model
+
+
+def test_keras_a_huge_learning_rate_explodes(tmp_path) -> None:
+    keras = requires("keras")
+    import normlog.keras
+
+    model = keras_model()
+    model.compile(optimizer=keras.optimizers.SGD(10.0), loss="mse")
+    x = np.random.default_rng(0).normal(size=(640, 4)).astype("float32")
+    y = np.random.default_rng(1).normal(size=(640, 1)).astype("float32")
+    watcher = normlog.keras.watch(model, str(tmp_path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.fit(x, y, batch_size=64, epochs=2, verbose=0, callbacks=[watcher])
+    assert rules(watcher.findings, "exploding")
+
+
+def test_keras_a_nan_weight_is_found_at_its_step_with_its_name(tmp_path) -> None:
+    keras = requires("keras")
+    import normlog.keras
+
+    model = keras_model()
+    model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
+    x = np.random.default_rng(0).normal(size=(640, 4)).astype("float32")
+    y = np.random.default_rng(1).normal(size=(640, 1)).astype("float32")
+
+    class PoisonAt(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            if batch == 6:
+                kernel = self.model.get_layer("out").kernel
+                value = kernel.numpy()
+                value[3, 0] = np.nan
+                kernel.assign(value)
+
+    watcher = normlog.keras.watch(model, str(tmp_path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.fit(x, y, batch_size=64, epochs=1, verbose=0, callbacks=[PoisonAt(), watcher])
+    weights = [(f.tensor, f.step) for f in watcher.findings if f.rule == "nonfinite" and f.kind == "parameters"]
+    assert weights[0] == ("out/kernel", 6)
+
+
+def test_keras_a_frozen_layer_is_neither_dead_nor_stalled(tmp_path) -> None:
+    keras = requires("keras")
+    import normlog.keras
+
+    model = keras_model(frozen=True)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse")
+    x = np.random.default_rng(0).normal(size=(640, 4)).astype("float32")
+    y = np.random.default_rng(1).normal(size=(640, 1)).astype("float32")
+    watcher = normlog.keras.watch(model, str(tmp_path), update_every=1)
+    model.fit(x, y, batch_size=64, epochs=3, verbose=0, callbacks=[watcher])
+    assert not [f for f in watcher.findings if f.tensor.startswith("first/")]
+    assert not [f for f in watcher.findings if f.rule in ("dead", "stalled")]
+    assert scalars(read_events(str(tmp_path)), "gradients/out/kernel/norm")

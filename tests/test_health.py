@@ -361,3 +361,14 @@ def test_keras_a_frozen_layer_is_neither_dead_nor_stalled(tmp_path) -> None:
     assert not [f for f in watcher.findings if f.tensor.startswith("first/")]
     assert not [f for f in watcher.findings if f.rule in ("dead", "stalled")]
     assert scalars(read_events(str(tmp_path)), "gradients/out/kernel/norm")
+
+
+def test_the_normlog_console_script(tmp_path) -> None:
+    import shutil
+
+    script = shutil.which("normlog", path=os.path.dirname(sys.executable))
+    assert script is not None, "pip install should put the normlog console script beside python"
+    write_run(str(tmp_path / "run"), {"a": [1.0] * 3}, {"a": [1.0] * 3})
+    result = subprocess.run([script, "report", str(tmp_path), "--json"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["runs"]["run"]["findings"] == []

@@ -10,9 +10,8 @@ logged steps. Histograms use the core's bucket rule in float64, so they equal th
 from __future__ import annotations
 
 import math
-import warnings
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -21,6 +20,7 @@ import numpy as np
 import tensorflow as tf
 
 from normlog._core import Histogram, _histogram_from_row
+from normlog._watching import Guard, check_options
 from normlog.health import Finding, Monitor, StepValues, Thresholds, announce
 from normlog.writer import Writer
 
@@ -90,13 +90,7 @@ class Watcher(keras.callbacks.Callback):  # type: ignore[misc]
         health_via: Literal["warnings", "logging"],
     ) -> None:
         super().__init__()
-        if log not in ("gradients", "parameters", "all"):
-            raise ValueError(f"log must be 'gradients', 'parameters' or 'all', got {log!r}")
-        if not isinstance(every, int) or every < 1:
-            raise ValueError(f"every must be a positive int, got {every!r}")
-        for option, value in (("histogram_every", histogram_every), ("update_every", update_every)):
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"{option} must be a positive int or None, got {value!r}")
+        check_options(log, every, histogram_every, update_every)
         self.writer = writer
         self._owns_writer = owns_writer
         self._watched = weakref.ref(model)
@@ -106,8 +100,7 @@ class Watcher(keras.callbacks.Callback):  # type: ignore[misc]
         self._histogram_every = histogram_every
         self._update_every = update_every if self._log_parameters else None
         self._bins = bins
-        self._strict = strict
-        self._warned: set[str] = set()
+        self._guard = Guard(strict)
         self._wrapped: list[keras.optimizers.Optimizer] = []
         self._state: _State | None = None
         self._written = {"stats": -1, "histograms": -1, "updates": -1}
@@ -131,12 +124,12 @@ class Watcher(keras.callbacks.Callback):  # type: ignore[misc]
             variables = list(trainable_variables) if trainable_variables is not None else None
             if variables is None and optimizer.built:
                 variables = list(optimizer._trainable_variables)
-            pending = self._safely(lambda: self._before_apply(optimizer, list(grads), variables or []), None)
+            pending = self._guard.safely(lambda: self._before_apply(optimizer, list(grads), variables or []))
             result = original(grads, trainable_variables)
             if pending is not None:
-                self._safely(lambda: self._after_apply(pending, measure_update=True), None)
+                self._guard.safely(lambda: self._after_apply(pending, measure_update=True))
             if tf.executing_eagerly():  # a custom eager loop: nothing else will write this step
-                self._safely(self.write_pending, None)
+                self._guard.safely(self.write_pending)
             return result
 
         optimizer.apply = apply
@@ -239,13 +232,13 @@ class Watcher(keras.callbacks.Callback):  # type: ignore[misc]
     # -- on the host ---------------------------------------------------------------------
 
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
-        self._safely(lambda: self._wrap(getattr(self.model, "optimizer", None)), None)
+        self._guard.safely(lambda: self._wrap(getattr(self.model, "optimizer", None)))
 
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
-        self._safely(self.write_pending, None)
+        self._guard.safely(self.write_pending)
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
-        self._safely(self.writer.flush, None)
+        self._guard.safely(self.writer.flush)
 
     def log_gradients(self, grads: Sequence[Any], variables: Sequence[Any], step: int | None = None) -> None:
         """Log one step's gradients from a hand-written loop (a `tf.GradientTape` loop that
@@ -259,7 +252,7 @@ class Watcher(keras.callbacks.Callback):  # type: ignore[misc]
             self._after_apply(self._before_apply(_Unscaled(), grads, variables), measure_update=False)
             self.write_pending()
 
-        self._safely(record, None)
+        self._guard.safely(record)
 
     def write_pending(self) -> None:
         """Write what the last step recorded, if it is a logged step. `fit` calls this after
@@ -335,7 +328,7 @@ class Watcher(keras.callbacks.Callback):  # type: ignore[misc]
                 squares += float(norm) ** 2
                 if bad:
                     scalars.append((f"gradients/{name}/nonfinite", float(bad)))
-                    self._warn_once(
+                    self._guard.warn_once(
                         f"nonfinite:{name}",
                         f"normlog: {int(bad)} NaN/Inf values in the gradients of {name!r} at step {step}",
                     )
@@ -362,21 +355,6 @@ class Watcher(keras.callbacks.Callback):  # type: ignore[misc]
         return out
 
     # -- errors and life cycle -----------------------------------------------------------
-
-    def _safely(self, action: Callable[[], Any], default: Any) -> Any:
-        """Never break training: a failure warns once (with its cause) unless strict=True."""
-        try:
-            return action()
-        except Exception as error:
-            if self._strict:
-                raise
-            self._warn_once("error", f"normlog: logging failed and is skipped: {error!r}")
-            return default
-
-    def _warn_once(self, key: str, message: str) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            warnings.warn(message, RuntimeWarning, stacklevel=3)
 
     def unwatch(self) -> None:
         """Restore the optimizers' own `apply`; close the writer if `watch` made it."""

@@ -10,7 +10,6 @@ failure inside logging warns once and training goes on, unless `strict=True`.
 from __future__ import annotations
 
 import math
-import warnings
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from normlog._core import Histogram, _histogram_from_row
+from normlog._watching import Guard, check_options
 from normlog.health import Finding, Monitor, StepValues, Thresholds, announce
 from normlog.writer import Writer
 
@@ -127,13 +127,7 @@ class Watcher:
         health: bool | Thresholds,
         health_via: Literal["warnings", "logging"],
     ) -> None:
-        if log not in ("gradients", "parameters", "all"):
-            raise ValueError(f"log must be 'gradients', 'parameters' or 'all', got {log!r}")
-        if not isinstance(every, int) or every < 1:
-            raise ValueError(f"every must be a positive int, got {every!r}")
-        for option, value in (("histogram_every", histogram_every), ("update_every", update_every)):
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"{option} must be a positive int or None, got {value!r}")
+        check_options(log, every, histogram_every, update_every)
         self.writer = writer
         self.step = 0
         self._owns_writer = owns_writer
@@ -144,8 +138,7 @@ class Watcher:
         self._histogram_every = histogram_every
         self._update_every = update_every
         self._bins = bins
-        self._strict = strict
-        self._warned: set[str] = set()
+        self._guard = Guard(strict)
         self._handles: list[RemovableHandle] = []
         self._params = [(name, p) for name, p in model.named_parameters()]
         self._backward_queued = False
@@ -196,7 +189,7 @@ class Watcher:
     def _after_backward(self) -> None:
         self._backward_queued = False
         try:
-            self._safely(self._log_backward)
+            self._guard.safely(self._log_backward, where=f" at step {self.step}")
         finally:
             self.step += 1
 
@@ -207,7 +200,7 @@ class Watcher:
 
     def _before_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         self._pending = None
-        self._safely(self._start_optimizer_step)
+        self._guard.safely(self._start_optimizer_step, where=f" at step {self.step}")
 
     def _start_optimizer_step(self) -> None:
         pending = self._reduce()
@@ -219,7 +212,7 @@ class Watcher:
     def _after_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         self._stepped = True
         try:
-            self._safely(self._finish_optimizer_step)
+            self._guard.safely(self._finish_optimizer_step, where=f" at step {self.step}")
         finally:
             self._pending = None
             self.step += 1
@@ -233,10 +226,10 @@ class Watcher:
             stepped, self._stepped = self._stepped, False
             if not stepped:
                 try:
-                    self._safely(self._log_skipped_step)
+                    self._guard.safely(self._log_skipped_step, where=f" at step {self.step}")
                 finally:
                     self.step += 1
-            self._safely(lambda: self._log_loss_scale(scaler))
+            self._guard.safely(lambda: self._log_loss_scale(scaler), where=f" at step {self.step - 1}")
             original(new_scale)
 
         scaler.update = update  # type: ignore[method-assign]
@@ -329,7 +322,7 @@ class Watcher:
                         scalars.append((f"{kind}/{name}/nonfinite", nonfinite))
                         counts = values.grad_nonfinite if kind == "gradients" else values.weight_nonfinite
                         counts[name] = nonfinite
-                        self._warn_once(
+                        self._guard.warn_once(
                             f"nonfinite:{kind}/{name}",
                             f"normlog: {nonfinite} NaN/Inf values in the {kind} of {name!r} at step {step}",
                         )
@@ -357,20 +350,6 @@ class Watcher:
         return [] if self._monitor is None else list(self._monitor.findings)
 
     # -- errors and life cycle -----------------------------------------------------------
-
-    def _safely(self, log: Callable[[], None]) -> None:
-        """Never break training: a failure warns once (with its cause) unless strict=True."""
-        try:
-            log()
-        except Exception as error:
-            if self._strict:
-                raise
-            self._warn_once("error", f"normlog: logging failed at step {self.step} and is skipped: {error!r}")
-
-    def _warn_once(self, key: str, message: str) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            warnings.warn(message, RuntimeWarning, stacklevel=3)
 
     def unwatch(self) -> None:
         """Remove every hook; close the writer if `watch` made it."""

@@ -150,7 +150,7 @@ def test_two_writers_made_in_the_same_second_keep_all_their_events(tmp_path) -> 
 
 
 def test_flush_makes_every_added_event_durable(tmp_path) -> None:
-    writer = normlog.Writer(tmp_path, flush_secs=10_000, max_queue=1000)
+    writer = normlog.Writer(tmp_path, flush_secs=10_000)
     for step in range(500):
         writer.add_scalar("x", step, step)
     writer.add_histogram("h", RNG.normal(size=100), 499)

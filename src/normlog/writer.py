@@ -11,17 +11,21 @@ from __future__ import annotations
 import functools
 import os
 import secrets
+import socket
 import struct
 import sys
 import threading
+import time
 import zlib
 from collections.abc import Iterable, Mapping
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 import numpy as np
 
 from normlog._convert import to_numpy
 from normlog._core import Bins, Histogram, Stats, histogram, l2_norm, summarize
+from normlog._eventfile import EventFile
 
 if TYPE_CHECKING:
     from types import ModuleType, TracebackType
@@ -40,6 +44,7 @@ def _tensorboardx() -> ModuleType:
         sys.modules["torch"] = None  # type: ignore[assignment]
     try:
         import tensorboardX
+        import tensorboardX.proto.event_pb2
         import tensorboardX.proto.summary_pb2
         import tensorboardX.summary
     finally:
@@ -77,8 +82,27 @@ def _to_float(value: Any) -> float:
     return float(array.reshape(()).astype(np.float64))
 
 
-def _step(step: Any) -> int | None:
-    return None if step is None else int(step)
+def _step(tag: str, step: Any) -> int:
+    """An Event's int64 step: an integer (or a whole float, as SummaryWriter takes); None is 0."""
+    if step is None:
+        return 0
+    if isinstance(step, float) and step.is_integer():
+        step = int(step)
+    if isinstance(step, bool) or not hasattr(step, "__index__"):
+        raise TypeError(f"normlog: tag {tag!r}: step must be an integer, got {step!r}")
+    value = int(step.__index__())
+    if not -(2**63) <= value < 2**63:
+        raise ValueError(f"normlog: tag {tag!r}: step {value} does not fit TensorBoard's int64 steps")
+    return value
+
+
+def _walltime(tag: str, walltime: Any) -> float:
+    if walltime is None:
+        return time.time()
+    value = _named(tag, lambda: _to_float(walltime))
+    if not np.isfinite(value):
+        raise ValueError(f"normlog: tag {tag!r}: walltime must be finite, got {walltime!r}")
+    return value
 
 
 def _png(image: np.ndarray) -> bytes:
@@ -108,20 +132,6 @@ def _image_hwc(image: np.ndarray, dataformats: str) -> np.ndarray:
     return np.ascontiguousarray(hwc)
 
 
-def _drain(event_file_writer: Any) -> None:
-    """Write out every queued event and fsync. tensorboardX's own flush() only flushes the
-    file, leaving events still in its queue (and after a crash, lost)."""
-    if getattr(event_file_writer, "_closed", True):
-        return
-    worker = event_file_writer._worker
-    worker.stop()  # its stop signal queues behind every pending event, and stop() joins
-    event_file_writer._ev_writer.flush()  # file flush and os.fsync
-    event_file_writer._worker = type(worker)(
-        event_file_writer._event_queue, event_file_writer._ev_writer, event_file_writer._flush_secs
-    )
-    event_file_writer._worker.start()
-
-
 class Writer:
     """Write scalars, norms, stats, histograms, images and text to TensorBoard event files.
 
@@ -132,6 +142,9 @@ class Writer:
     counts them and writes the count as the scalar `<tag>/nonfinite`.
 
     With `logdir=None` the run goes to `runs/<date>_<host><comment>`, as in SummaryWriter.
+    Events reach the file from a background thread as soon as they are added, and are
+    fsynced every `flush_secs` seconds and on `flush()`; nothing here waits for the disk,
+    and a failing disk warns and drops events instead of raising (see `lost_events`).
     """
 
     def __init__(
@@ -140,33 +153,36 @@ class Writer:
         *,
         comment: str = "",
         purge_step: int | None = None,
-        max_queue: int = 10,
-        flush_secs: float = 120,
+        flush_secs: float = 10,
         filename_suffix: str = "",
     ) -> None:
-        tensorboardx = _tensorboardx()
-        if logdir is not None:
-            logdir = os.fspath(logdir)
-            try:
-                os.makedirs(logdir, exist_ok=True)
-            except OSError as error:
-                raise OSError(f"normlog: cannot create log directory {logdir!r}: {error}") from error
-            if not os.access(logdir, os.W_OK | os.X_OK):
-                raise PermissionError(f"normlog: log directory {logdir!r} is not writable")
-        # tensorboardX names event files by second and host, so two writers made in the
-        # same second in one directory would truncate each other (tensorboardX #776).
-        unique = f".{os.getpid()}.{secrets.token_hex(4)}{filename_suffix}"
-        self._tbx = tensorboardx.SummaryWriter(
-            logdir=logdir,
-            comment=comment,
-            purge_step=purge_step,
-            max_queue=max_queue,
-            flush_secs=flush_secs,
-            filename_suffix=unique,
-        )
-        self.logdir: str = str(self._tbx.logdir)
+        _tensorboardx()
+        if logdir is None:
+            stamp = datetime.now().strftime("%b%d_%H-%M-%S")
+            logdir = os.path.join("runs", f"{stamp}_{socket.gethostname()}{comment}")
+        self.logdir: str = os.fspath(logdir)
+        if not (isinstance(flush_secs, (int, float)) and flush_secs > 0):
+            raise ValueError(f"normlog: flush_secs must be a positive number of seconds, got {flush_secs!r}")
+        # Event files are named by second and host, so two writers made in the same second
+        # in one directory would truncate each other (tensorboardX #776): add pid and token.
+        self._suffix = f".{os.getpid()}.{secrets.token_hex(4)}{filename_suffix}"
+        self._flush_secs = float(flush_secs)
         self._lock = threading.Lock()
         self._closed = False
+        self._file = self._open_file(self.logdir, None if purge_step is None else _step("purge_step", purge_step))
+        self._scalar_files: dict[str, EventFile] = {}  # add_scalars' runs, by directory
+
+    def _open_file(self, logdir: str, purge_step: int | None = None) -> EventFile:
+        try:
+            os.makedirs(logdir, exist_ok=True)
+            return EventFile(logdir, filename_suffix=self._suffix, flush_secs=self._flush_secs, purge_step=purge_step)
+        except OSError as error:
+            raise OSError(f"normlog: cannot write event files in log directory {logdir!r}: {error}") from error
+
+    @property
+    def lost_events(self) -> int:
+        """Events that could not be written (a full disk, say), across this Writer's files."""
+        return self._file.lost + sum(f.lost for f in self._scalar_files.values())
 
     # -- scalars -------------------------------------------------------------------
 
@@ -190,11 +206,16 @@ class Writer:
             _check_tag(key): _named(f"{main_tag}/{key}", functools.partial(_to_float, v))
             for key, v in tag_scalar_dict.items()
         }
-        self._open()
+        number, seconds = _step(main_tag, step), _walltime(main_tag, walltime)
+        summary_pb2 = _tensorboardx().proto.summary_pb2
         with self._lock:
-            self._tbx.add_scalars(main_tag, scalars, _step(step), walltime)
-            # tensorboardX also keeps every value in memory for export_scalars_to_json: drop them.
-            self._tbx.scalar_dict.clear()
+            self._open()
+            for key, value in scalars.items():
+                run = os.path.join(self.logdir, main_tag, key)
+                if run not in self._scalar_files:
+                    self._scalar_files[run] = self._open_file(run)
+                scalar = summary_pb2.Summary.Value(tag=_clean_tag(main_tag), simple_value=value)
+                self._scalar_files[run].add(self._event(summary_pb2.Summary(value=[scalar]), number, seconds))
 
     def add_norm(self, tag: str, values: Any, step: int | None = None, walltime: float | None = None) -> float:
         """The L2 norm of `values` as a scalar; returns it."""
@@ -247,7 +268,10 @@ class Writer:
             height=hwc.shape[0], width=hwc.shape[1], colorspace=hwc.shape[2], encoded_image_string=_png(hwc)
         )
         self._emit(
-            summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=_clean_tag(tag), image=encoded)]), step, walltime
+            summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=_clean_tag(tag), image=encoded)]),
+            tag,
+            step,
+            walltime,
         )
 
     def add_figure(
@@ -271,26 +295,25 @@ class Writer:
         tag = _check_tag(tag)
         if not isinstance(text, str):
             raise TypeError(f"normlog: tag {tag!r}: text must be a string, got {type(text).__name__}")
-        self._open()
-        with self._lock:
-            self._tbx.add_text(tag, text, _step(step), walltime)
+        self._emit(_tensorboardx().summary.text(tag, text), tag, step, walltime)
 
     # -- life cycle ----------------------------------------------------------------
 
     def flush(self) -> None:
         """Make everything added so far durable on disk."""
         with self._lock:
-            if self._closed:
-                return
-            for file_writer in (self._tbx.all_writers or {}).values():
-                _drain(file_writer.event_writer)
+            files = [] if self._closed else [self._file, *self._scalar_files.values()]
+        for event_file in files:
+            event_file.flush()
 
     def close(self) -> None:
         """Flush and close the event files. Calling it again does nothing."""
         with self._lock:
-            if not self._closed:
-                self._closed = True
-                self._tbx.close()
+            if self._closed:
+                return
+            self._closed = True
+        for event_file in [self._file, *self._scalar_files.values()]:
+            event_file.close()
 
     def __enter__(self) -> Writer:
         return self
@@ -321,19 +344,25 @@ class Writer:
         tensorboardx = _tensorboardx()
         summary_pb2 = tensorboardx.proto.summary_pb2
         values = [summary_pb2.Summary.Value(tag=_clean_tag(tag), simple_value=value) for tag, value in scalars]
+        first = values[0].tag if values else ""
         for tag, hist in histograms:
+            first = first or tag
             limits, counts = _proto_buckets(hist)
             # tensorboardX's own HistogramProto builder, as its add_histogram_raw uses
             proto = tensorboardx.summary.histogram_raw(
                 tag, hist.min, hist.max, hist.num, hist.sum, hist.sum_squares, limits, counts
             )
             values.extend(proto.value)
-        self._emit(summary_pb2.Summary(value=values), step, walltime)
+        self._emit(summary_pb2.Summary(value=values), first, step, walltime)
 
-    def _emit(self, summary: Any, step: Any, walltime: float | None) -> None:
-        self._open()
+    def _event(self, summary: Any, step: int, walltime: float) -> Any:
+        return _tensorboardx().proto.event_pb2.Event(wall_time=walltime, step=step, summary=summary)
+
+    def _emit(self, summary: Any, tag: str, step: Any, walltime: Any) -> None:
+        event = self._event(summary, _step(tag, step), _walltime(tag, walltime))
         with self._lock:
-            self._tbx.file_writer.add_summary(summary, _step(step), walltime)
+            self._open()
+            self._file.add(event)
 
 
 def _proto_buckets(hist: Histogram) -> tuple[list[float], list[int]]:

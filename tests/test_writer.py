@@ -257,17 +257,6 @@ def test_add_text(tmp_path) -> None:
     assert tensor_util.make_ndarray(event.tensor_proto).item() == b"**lr** = 0.1"
 
 
-def test_purge_step_is_passed_through(tmp_path) -> None:
-    with normlog.Writer(tmp_path / "a") as writer:
-        for step in range(10):
-            writer.add_scalar("x", step, step)
-    os.rename(tmp_path / "a", tmp_path / "run")
-    time.sleep(1.1)  # TensorBoard reads files in name order, which starts with the second
-    with normlog.Writer(tmp_path / "run", purge_step=5) as writer:
-        writer.add_scalar("x", 50, 5)
-    assert scalars(read_events(str(tmp_path / "run")), "x") == {0: 0, 1: 1, 2: 2, 3: 3, 4: 4, 5: 50}
-
-
 def test_torch_tensors_of_any_float_dtype_with_grad(tmp_path) -> None:
     torch = requires("torch")
     base = torch.randn(300, generator=torch.Generator().manual_seed(0))

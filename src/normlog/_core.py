@@ -296,7 +296,8 @@ def _equal_width_rule(count: int, lo: float, hi: float) -> tuple[np.ndarray, _Bu
         scale = 0.5
     lo_s, hi_s = lo * scale, hi * scale
     width = (hi_s - lo_s) / count
-    edges = np.linspace(lo_s, hi_s, count + 1) / scale
+    with np.errstate(over="ignore"):  # linspace's intermediate near DBL_MAX; its edges are right
+        edges = np.linspace(lo_s, hi_s, count + 1) / scale
     edges[0], edges[-1] = lo, hi  # as TensorBoard does: the range ends exactly at min and max
 
     def index(finite: np.ndarray) -> np.ndarray:

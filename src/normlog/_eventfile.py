@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import secrets
 import signal
 import socket
 import struct
@@ -59,7 +60,13 @@ class EventFile:
         from tensorboardX.proto import event_pb2
 
         self._event_pb2: Any = event_pb2
-        name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}{filename_suffix}"
+        # tensorboardX names files by second and host, so two writers made in the same second
+        # in one directory truncate each other (tensorboardX #776), and TensorBoard, which
+        # reads a directory's files in name order, could read a restart before the run it
+        # restarts. The nanoseconds, pid and a random token fix both.
+        now = time.time_ns()
+        unique = f"{now % 10**9:09d}.{os.getpid()}.{secrets.token_hex(3)}"
+        name = f"events.out.tfevents.{now // 10**9:010d}.{socket.gethostname()}.{unique}{filename_suffix}"
         self.path = os.path.join(logdir, name)
         self._flush_secs = float(flush_secs)
         self._max_pending = max_pending

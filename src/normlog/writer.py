@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import os
-import secrets
 import socket
 import struct
 import sys
@@ -163,9 +162,7 @@ class Writer:
         self.logdir: str = os.fspath(logdir)
         if not (isinstance(flush_secs, (int, float)) and flush_secs > 0):
             raise ValueError(f"normlog: flush_secs must be a positive number of seconds, got {flush_secs!r}")
-        # Event files are named by second and host, so two writers made in the same second
-        # in one directory would truncate each other (tensorboardX #776): add pid and token.
-        self._suffix = f".{os.getpid()}.{secrets.token_hex(4)}{filename_suffix}"
+        self._suffix = filename_suffix
         self._flush_secs = float(flush_secs)
         self._lock = threading.Lock()
         self._closed = False
@@ -234,6 +231,7 @@ class Writer:
             [(f"{tag}/{name}", value) for name, value in fields] + [(f"{tag}/nonfinite", stats.nonfinite)],
             step,
             walltime,
+            name=tag,
         )
         return stats
 
@@ -249,7 +247,7 @@ class Writer:
         tag = _check_tag(tag)
         hist = values if isinstance(values, Histogram) else _named(tag, lambda: histogram(to_numpy(values), bins))
         nonfinite = [(f"{tag}/nonfinite", float(hist.nonfinite))] if hist.nonfinite else []
-        self._summary(nonfinite, step, walltime, histograms=[(tag, hist)])
+        self._summary(nonfinite, step, walltime, histograms=[(tag, hist)], name=tag)
         return hist
 
     # -- images and text -----------------------------------------------------------
@@ -338,22 +336,24 @@ class Writer:
         step: Any,
         walltime: float | None,
         histograms: Iterable[tuple[str, Histogram]] = (),
+        name: str | None = None,
     ) -> None:
         """Write scalars and histograms as one event: one queue entry and one record for a
         whole logged step, not one per tag (tensorboardX's queue holds 10 and then blocks)."""
         tensorboardx = _tensorboardx()
         summary_pb2 = tensorboardx.proto.summary_pb2
+        scalars, histograms = list(scalars), list(histograms)
+        if name is None:  # the tag that errors name
+            name = scalars[0][0] if scalars else histograms[0][0] if histograms else ""
         values = [summary_pb2.Summary.Value(tag=_clean_tag(tag), simple_value=value) for tag, value in scalars]
-        first = values[0].tag if values else ""
         for tag, hist in histograms:
-            first = first or tag
             limits, counts = _proto_buckets(hist)
             # tensorboardX's own HistogramProto builder, as its add_histogram_raw uses
             proto = tensorboardx.summary.histogram_raw(
                 tag, hist.min, hist.max, hist.num, hist.sum, hist.sum_squares, limits, counts
             )
             values.extend(proto.value)
-        self._emit(summary_pb2.Summary(value=values), first, step, walltime)
+        self._emit(summary_pb2.Summary(value=values), name, step, walltime)
 
     def _event(self, summary: Any, step: int, walltime: float) -> Any:
         return _tensorboardx().proto.event_pb2.Event(wall_time=walltime, step=step, summary=summary)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Union
@@ -291,9 +292,11 @@ def _check_bins(bins: Bins) -> int | np.ndarray:
 
 def _equal_width_rule(count: int, lo: float, hi: float) -> tuple[np.ndarray, _BucketIndex]:
     """Edges and bucket index of `tf.summary.histogram`: floor((x - lo) / width), in float64."""
-    scale = 1.0
+    scale = 1.0  # a power of two, so scaling is exact
     if not math.isfinite(hi - lo):  # a range wider than the largest double: bin halves instead
         scale = 0.5
+    elif (hi - lo) / count < sys.float_info.min:  # a width that would underflow: bin 2**600 times the values
+        scale = 2.0**600
     lo_s, hi_s = lo * scale, hi * scale
     width = (hi_s - lo_s) / count
     with np.errstate(over="ignore"):  # linspace's intermediate near DBL_MAX; its edges are right

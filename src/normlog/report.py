@@ -13,14 +13,16 @@ import json
 import math
 import os
 import statistics
+import struct
 import sys
+import types
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from normlog.health import RULES, Finding, StepValues, evaluate
 
-__all__ = ["Run", "load_runs", "main", "plot_gradient_norms"]
+__all__ = ["Run", "check_event_file", "load_runs", "main", "plot_gradient_norms"]
 
 
 @dataclass
@@ -106,11 +108,65 @@ def _load_run(directory: str, name: str) -> Run:
     return Run(name, steps, tensors, evaluate(steps))
 
 
+def check_event_file(path: str) -> str | None:
+    """What is wrong with an event file, or None: each TFRecord's length and data must
+    match their masked CRC32C, and the first record must be an Event with a file version.
+    TensorBoard's reader stops at the first bad record; this says where and why."""
+    import crc32c
+
+    from normlog.writer import _tensorboardx
+
+    def masked(data: bytes) -> int:
+        crc = crc32c.crc32c(data)
+        return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+    try:
+        with open(path, "rb") as file:
+            content = file.read()
+    except OSError as error:
+        return f"cannot be read ({error.strerror})"
+    if not content:
+        return "is empty (a writer that has not written yet?)"
+    offset, records = 0, 0
+    while offset < len(content):
+        header = content[offset : offset + 12]
+        if len(header) < 12:
+            return f"ends in a cut-off record after {records} whole records (byte {offset})"
+        (length,) = struct.unpack("<Q", header[:8])
+        if struct.unpack("<I", header[8:])[0] != masked(header[:8]):
+            if records == 0:
+                return "is not a TensorBoard event file (its first record is not a TFRecord)"
+            return f"has a corrupt record (length CRC mismatch) after {records} whole records (byte {offset})"
+        end = offset + 12 + length + 4
+        if end > len(content):
+            return f"ends in a cut-off record after {records} whole records (byte {offset})"
+        data = content[offset + 12 : end - 4]
+        if struct.unpack("<I", content[end - 4 : end])[0] != masked(data):
+            return f"has a corrupt record (data CRC mismatch) after {records} whole records (byte {offset})"
+        if records == 0:
+            event = _tensorboardx().proto.event_pb2.Event()
+            try:
+                event.ParseFromString(data)
+            except Exception:
+                event.Clear()
+            if not event.file_version:
+                return "is not a TensorBoard event file (its first record is not a file-version Event)"
+        offset, records = end, records + 1
+    return None
+
+
 def load_runs(logdir: str) -> tuple[list[Run], list[str]]:
-    """Every run under `logdir` that holds normlog's norms, and the problems met reading them."""
+    """Every run under `logdir` that holds normlog's norms, and the problems met reading
+    them: bad event files are named with what is wrong, and whatever came before the first
+    bad record is still read."""
     runs, problems = [], []
     for directory in _run_dirs(logdir):
         name = os.path.relpath(directory, logdir)
+        for file_name in sorted(os.listdir(directory)):
+            if "tfevents" in file_name:
+                problem = check_event_file(os.path.join(directory, file_name))
+                if problem:
+                    problems.append(f"{os.path.join(name, file_name)} {problem}")
         try:
             run = _load_run(directory, name)
         except Exception as error:  # a bad file must not hide the good runs
@@ -221,6 +277,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     plot.add_argument("-o", "--output", required=True, help="the image file to write (PNG)")
     plot.add_argument("--tensorboard", action="store_true", help="also write the figure into <logdir>/normlog_plot")
     args = parser.parse_args(argv)
+    if "tensorflow" not in sys.modules:
+        # TensorBoard's own TF-free reader: the same records, without importing TensorFlow
+        # (seconds of start-up and its log lines) into a command-line tool.
+        sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
 
     if not os.path.isdir(args.logdir):
         print(f"normlog: no such log directory: {args.logdir}", file=sys.stderr)
@@ -230,6 +290,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not runs:
             print(f"normlog: no normlog norms under {args.logdir}", file=sys.stderr)
             return 1
+        for problem in problems:
+            print(problem, file=sys.stderr)
         figure = plot_gradient_norms(runs)
         figure.savefig(args.output, dpi=100)
         if args.tensorboard:

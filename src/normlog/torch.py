@@ -9,7 +9,9 @@ failure inside logging warns once and training goes on, unless `strict=True`.
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -56,10 +58,14 @@ def _norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return out
 
 
-def _histogram_row(tensor: torch.Tensor, bins: int, mask_nonfinite: bool) -> torch.Tensor:
+def _histogram_row(
+    tensor: torch.Tensor, bins: int, mask_nonfinite: bool, span: torch.Tensor | None = None
+) -> torch.Tensor:
     """[min, max, sum, sum_squares, finite, nan, posinf, neginf, counts...] of one tensor, in
     float64 on its device, bucketed as `normlog.histogram(values, bins)` does: floor((x - min)
-    / width) in float64, clamped to the last bucket, worked in place on one float64 copy."""
+    / width) in float64, clamped to the last bucket, worked in place on one float64 copy.
+    `span` ([min, max] in float64) bins a shard with the whole tensor's rule; every field
+    but min and max is then a sum over the shards."""
     flat = tensor.detach().reshape(-1)
     values = flat.to(torch.float64)  # a copy (for float64 input too, made below): worked on in place
     counts_nonfinite = [values.new_zeros(())] * 3
@@ -72,9 +78,12 @@ def _histogram_row(tensor: torch.Tensor, bins: int, mask_nonfinite: bool) -> tor
         values = values.clone()
     size = values.numel()
     if size == 0:
-        head = values.new_zeros(5)
+        head = values.new_zeros(5) if span is None else torch.cat([span.to(values), values.new_zeros(3)])
         return torch.cat([head, torch.stack(counts_nonfinite).to(values), values.new_zeros(bins)])
-    lo, hi = (bound.to(torch.float64) for bound in torch.aminmax(flat))  # exact in any float dtype
+    if span is None:
+        lo, hi = (bound.to(torch.float64) for bound in torch.aminmax(flat))  # exact in any float dtype
+    else:
+        lo, hi = span.to(values.device).unbind()
     width = torch.where(hi > lo, (hi - lo) / bins, torch.ones_like(lo))
     stats = torch.stack([lo, hi, values.sum(), values.dot(values), values.new_tensor(float(size))])
     # x - min >= 0, so the conversion's truncation is the floor. The clamp also keeps NaN and
@@ -91,13 +100,111 @@ def _dense(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().coalesce().to_dense()  # sparse gradients of nn.Embedding(sparse=True)
 
 
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The model inside DistributedDataParallel and torch.compile wrappers."""
+    while True:
+        inner = getattr(model, "module", None) if isinstance(model, nn.parallel.DistributedDataParallel) else None
+        inner = inner if inner is not None else getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size) of the default process group; (0, 1) outside torch.distributed."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _local(tensor: torch.Tensor) -> tuple[torch.Tensor, tuple[Any, ...]]:
+    """The part of `tensor` on this rank, and the process groups its shards are spread over
+    (none for an ordinary tensor or a replicated DTensor, as FSDP2's `fully_shard` makes)."""
+    dtensor = _dtensor_type()
+    if dtensor is None or not isinstance(tensor, dtensor):
+        return tensor, ()
+    sharded: Any = tensor
+    groups = []
+    for dim, placement in enumerate(sharded.placements):
+        if placement.is_partial():
+            raise ValueError("a Partial DTensor (a sum not yet reduced) has no norm of its own")
+        if placement.is_shard():
+            groups.append(sharded.device_mesh.get_group(dim))
+    return sharded.to_local(), tuple(groups)
+
+
+@functools.cache
+def _dtensor_type() -> type | None:
+    if not torch.distributed.is_available():
+        return None
+    from torch.distributed.tensor import DTensor
+
+    return DTensor
+
+
+def _all_reduce(values: torch.Tensor, groups: tuple[Any, ...], op: Any) -> None:
+    for group in groups:
+        torch.distributed.all_reduce(values, op=op, group=group)
+
+
+def _full_norms(locals_: list[torch.Tensor], groups: list[tuple[Any, ...]]) -> torch.Tensor:
+    """Norms of whole tensors from their local shards: one all-reduce of the squares per
+    set of groups (in practice one per logged step), none without shards."""
+    norms = _norms(locals_)
+    for key in dict.fromkeys(g for g in groups if g):
+        index = torch.tensor([i for i, g in enumerate(groups) if g == key], device=norms.device)
+        squares = norms[index].square()
+        _all_reduce(squares, key, torch.distributed.ReduceOp.SUM)
+        norms[index] = squares.sqrt()
+    return norms
+
+
+def _full_rows(
+    locals_: list[torch.Tensor], groups: list[tuple[Any, ...]], bins: int, mask_nonfinite: bool
+) -> list[torch.Tensor]:
+    """Histogram rows of whole tensors from their shards: the global min and max in one
+    all-reduce, then each shard binned with them and the counts and sums added in another,
+    which is `Histogram.merge` done on the device."""
+    rows: list[torch.Tensor | None] = [
+        None if g else _histogram_row(t, bins, mask_nonfinite) for t, g in zip(locals_, groups)
+    ]
+    for key in dict.fromkeys(g for g in groups if g):
+        members = [i for i, g in enumerate(groups) if g == key]
+        bounds = torch.stack([_negated_bounds(locals_[i], mask_nonfinite) for i in members])
+        _all_reduce(bounds, key, torch.distributed.ReduceOp.MAX)  # [-min, max] per tensor
+        spans = torch.stack([-bounds[:, 0], bounds[:, 1]], dim=1)
+        shard_rows = torch.stack(
+            [_histogram_row(locals_[i], bins, mask_nonfinite, span) for i, span in zip(members, spans)]
+        )
+        sums = shard_rows[:, 2:].contiguous()
+        _all_reduce(sums, key, torch.distributed.ReduceOp.SUM)
+        for i, span, tail in zip(members, spans, sums):
+            empty = tail[2] == 0  # no finite value on any rank: the core's empty histogram
+            rows[i] = torch.cat([torch.where(empty, torch.zeros_like(span), span), tail])
+    return [row for row in rows if row is not None]
+
+
+def _negated_bounds(tensor: torch.Tensor, finite_only: bool) -> torch.Tensor:
+    """[-min, max] of a shard in float64 (of its finite values with `finite_only`), -inf for
+    an empty shard, so that a MAX all-reduce gives the whole tensor's bounds."""
+    flat = tensor.detach().reshape(-1)
+    if finite_only:
+        flat = flat[torch.isfinite(flat)]
+    if flat.numel() == 0:
+        return torch.full((2,), -math.inf, dtype=torch.float64, device=tensor.device)
+    lo, hi = torch.aminmax(flat)
+    return torch.stack([-lo.to(torch.float64), hi.to(torch.float64)])
+
+
 @dataclass
 class _Pending:
     """A logged step's reductions, started on the device and not yet read."""
 
     step: int
     groups: list[tuple[str, list[str], list[torch.Tensor]]]
-    tensors: list[torch.Tensor]
+    tensors: list[torch.Tensor]  # this rank's part of each: shards of FSDP2 parameters
+    shards: list[tuple[Any, ...]]  # the process groups each tensor is sharded over
     pieces: list[torch.Tensor]
     histograms: bool
     # the parameters that had a gradient: the before/after snapshots and the ratios follow this order
@@ -112,7 +219,7 @@ class Watcher:
     def __init__(
         self,
         model: nn.Module,
-        writer: Writer,
+        writer: Writer | None,
         *,
         owns_writer: bool,
         log: Log,
@@ -140,7 +247,15 @@ class Watcher:
         self._bins = bins
         self._guard = Guard(strict)
         self._handles: list[RemovableHandle] = []
-        self._params = [(name, p) for name, p in model.named_parameters()]
+        # named as in the model itself, so one GPU and many give the same tags
+        self._params = [(name, p) for name, p in _unwrapped(model).named_parameters()]
+        dtensor = _dtensor_type()
+        self._sharded = dtensor is not None and any(isinstance(p, dtensor) for _, p in self._params)
+        if self._sharded and optimizer is None:
+            raise ValueError(
+                "the model has sharded (DTensor) parameters, as FSDP2's fully_shard makes: pass optimizer=, "
+                "since their gradients only arrive, reduce-scattered, before optimizer.step()"
+            )
         self._backward_queued = False
         self._pending: _Pending | None = None
         self._has_optimizer = optimizer is not None
@@ -184,7 +299,12 @@ class Watcher:
         # Runs once per parameter per backward pass; the callback runs once, after all of them.
         if not self._backward_queued:
             self._backward_queued = True
-            torch.autograd.Variable._execution_engine.queue_callback(self._after_backward)
+            torch.autograd.Variable._execution_engine.queue_callback(self._queue_after_backward)
+
+    def _queue_after_backward(self) -> None:
+        # Queued again, so it runs after every callback queued during the backward pass:
+        # DDP's, which writes the all-reduced gradients into .grad, may have come after ours.
+        torch.autograd.Variable._execution_engine.queue_callback(self._after_backward)
 
     def _after_backward(self) -> None:
         self._backward_queued = False
@@ -206,7 +326,7 @@ class Watcher:
         pending = self._reduce()
         if pending is not None and self._log_parameters and self._due(self._update_every):
             # A copy of every weight: the reason update ratios have their own, sparser cadence.
-            pending.before = [p.detach().clone() for _, p in pending.updated]
+            pending.before = [_local(p.detach())[0].clone() for _, p in pending.updated]
         self._pending = pending
 
     def _after_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
@@ -236,12 +356,13 @@ class Watcher:
         self._restore.append(lambda: scaler.__dict__.pop("update", None))
 
     def _log_skipped_step(self) -> None:
-        self.writer._summary([("amp/skipped_step", 1.0)], self.step, None)
+        if self.writer is not None:
+            self.writer._summary([("amp/skipped_step", 1.0)], self.step, None)
         self._log_backward()  # the gradients, unscaled by scaler.step(), with their NaN/Inf counts
 
     def _log_loss_scale(self, scaler: torch.amp.GradScaler) -> None:
         step = self.step - 1  # the step this update() closes
-        if step % self._every == 0:
+        if step % self._every == 0 and self.writer is not None:
             self.writer._summary([("amp/loss_scale", scaler.get_scale())], step, None)
 
     def _finish_optimizer_step(self) -> None:
@@ -249,8 +370,9 @@ class Watcher:
         if pending is None:
             return
         if pending.before is not None:
-            after = [p.detach() for _, p in pending.updated]
-            pending.update_norms = _norms(torch._foreach_sub(after, pending.before))
+            after = [_local(p.detach()) for _, p in pending.updated]
+            differences = torch._foreach_sub([t for t, _ in after], pending.before)
+            pending.update_norms = _full_norms(list(differences), [g for _, g in after])
         self._finish(pending)
 
     def _activation_hook(self, name: str) -> Callable[[nn.Module, Any, Any], None]:
@@ -278,13 +400,16 @@ class Watcher:
             groups.append(("parameters", [n for n, _ in params], [p.detach() for _, p in params]))
         if activations:
             groups.append(("activations", [n for n, _ in activations], [a for _, a in activations]))
-        tensors = [t for _, _, ts in groups for t in ts]
-        if not tensors:
+        if self.writer is None and not self._sharded:
+            return None  # a rank that does not write, with nothing to add to the ranks that do
+        local = [_local(t) for _, _, ts in groups for t in ts]
+        if not local:
             return None
-        pieces = [_norms(tensors)]
+        tensors, shards = [t for t, _ in local], [g for _, g in local]
+        pieces = [_full_norms(tensors, shards)]
         if histograms:
-            pieces += [_histogram_row(t, self._bins, mask_nonfinite=False) for t in tensors]
-        return _Pending(self.step, groups, tensors, pieces, histograms, with_grad)
+            pieces += _full_rows(tensors, shards, self._bins, mask_nonfinite=False)
+        return _Pending(self.step, groups, tensors, shards, pieces, histograms, with_grad)
 
     def _finish(self, pending: _Pending) -> None:
         """The one device-to-host transfer of a logged step, then the writing."""
@@ -316,16 +441,18 @@ class Watcher:
                     # Rare: NaN/Inf present (or a float32 overflow). Count them on the device.
                     # With an optimizer this runs after its update: a weight's count includes
                     # what a NaN gradient spread in that update (its norm is from before).
-                    row = _histogram_row(pending.tensors[index], self._bins, mask_nonfinite=True).cpu().numpy()
+                    shard = [pending.tensors[index]], [pending.shards[index]]
+                    row = _full_rows(*shard, self._bins, mask_nonfinite=True)[0].cpu().numpy()
                     nonfinite = int(row[5:8].sum())
                     if nonfinite:
                         scalars.append((f"{kind}/{name}/nonfinite", nonfinite))
                         counts = values.grad_nonfinite if kind == "gradients" else values.weight_nonfinite
                         counts[name] = nonfinite
-                        self._guard.warn_once(
-                            f"nonfinite:{kind}/{name}",
-                            f"normlog: {nonfinite} NaN/Inf values in the {kind} of {name!r} at step {step}",
-                        )
+                        if self.writer is not None:  # one warning, from the rank that writes
+                            self._guard.warn_once(
+                                f"nonfinite:{kind}/{name}",
+                                f"normlog: {nonfinite} NaN/Inf values in the {kind} of {name!r} at step {step}",
+                            )
                     if rows:
                         rows[index] = row
                 if rows:
@@ -340,6 +467,8 @@ class Watcher:
                 ratio = float(update) / weight if weight else math.inf
                 scalars.append((f"updates/{name}/ratio", ratio))
                 values.update_ratios[name] = ratio
+        if self.writer is None:
+            return
         self.writer._summary(scalars, step, None, histograms)
         if self._monitor is not None:
             announce(self._monitor.observe(values), self.writer, self._health_via)
@@ -362,7 +491,7 @@ class Watcher:
         model = self._model()
         if model is not None and _WATCHERS.get(model) is self:
             del _WATCHERS[model]
-        if self._owns_writer:
+        if self._owns_writer and self.writer is not None:
             self.writer.close()
 
     def __enter__(self) -> Watcher:
@@ -388,6 +517,7 @@ def watch(
     strict: bool = False,
     health: bool | Thresholds = True,
     health_via: Literal["warnings", "logging"] = "warnings",
+    per_rank: bool = False,
 ) -> Watcher:
     """Log `model`'s gradient and weight norms every `every` steps and histograms every
     `histogram_every` steps, to `logdir` (or to `writer`).
@@ -402,6 +532,13 @@ def watch(
     `normlog.health.Thresholds`), the rules of `normlog.health` run on every logged step and
     report findings as HealthWarnings (or `logging` records with `health_via="logging"`) and
     under `health/` in TensorBoard.
+
+    Under torch.distributed, every rank calls `watch` and rank 0 alone writes, or with
+    `per_rank=True` each rank writes to `<logdir>/rank<k>`. Gradients are DDP's all-reduced
+    ones. Parameters sharded by FSDP2 (DTensors) are logged whole: norms add the shards'
+    squares and histograms bin every shard with the global min and max and add the counts,
+    in one all-reduce per logged step (one more when histograms or update ratios are due).
+    A model wrapped in DistributedDataParallel or torch.compile keeps its own tensor names.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"normlog.watch expects a torch.nn.Module, got {type(model).__name__}")
@@ -409,9 +546,16 @@ def watch(
         raise ValueError("pass logdir or writer, not both")
     unwatch(model)
     owns_writer = writer is None
+    rank, world = _distributed()
+    if world > 1 and per_rank and writer is None:
+        writer = Writer(None if logdir is None else os.path.join(logdir, f"rank{rank}"), comment=f"_rank{rank}")
+    elif world > 1 and not per_rank and rank != 0:
+        writer = None  # rank 0 writes; this rank only joins the all-reduces of sharded tensors
+    elif writer is None:
+        writer = Writer(logdir)
     watcher = Watcher(
         model,
-        writer if writer is not None else Writer(logdir),
+        writer,
         owns_writer=owns_writer,
         log=log,
         every=every,

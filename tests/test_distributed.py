@@ -1,0 +1,120 @@
+"""torch.distributed with 2 processes on the CPU (gloo), through torchrun as users launch it:
+the logged norms and histograms are those of a single-process run of the same model and
+data, and under FSDP2 those of the whole tensors, not of one rank's shard."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from helpers import event_files, histogram_buckets, read_events, requires, scalars
+
+torch = requires("torch")
+if not torch.distributed.is_available():
+    pytest.skip("this torch build has no torch.distributed", allow_module_level=True)
+
+WORKER = os.path.join(os.path.dirname(__file__), "distributed_worker.py")
+STEPS = 3
+
+
+def run(mode: str, logdir: str) -> None:
+    if mode == "single":
+        command = [sys.executable, WORKER, mode, logdir]
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+        command += [WORKER, mode, logdir]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-5000:]
+
+
+@pytest.fixture(scope="module")
+def logs(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("distributed")
+    runs = {}
+    for mode in ("single", "ddp", "ddp-hooks", "ddp-per-rank", "fsdp"):
+        runs[mode] = str(root / mode)
+        run(mode, runs[mode])
+    return runs
+
+
+def all_scalars(logdir: str) -> dict[str, dict[int, float]]:
+    events = read_events(logdir)
+    return {tag: scalars(events, tag) for tag in events.Tags()["scalars"]}
+
+
+def assert_same_scalars(got: dict[str, dict[int, float]], want: dict[str, dict[int, float]]) -> None:
+    assert sorted(got) == sorted(want)
+    for tag in want:
+        assert sorted(got[tag]) == sorted(want[tag]), tag
+        for step, value in want[tag].items():
+            assert got[tag][step] == pytest.approx(value, rel=1e-5, abs=1e-7), (tag, step)
+
+
+@pytest.mark.parametrize("mode", ["ddp", "ddp-hooks", "fsdp"])
+def test_two_ranks_log_the_single_process_numbers_once(logs, mode) -> None:
+    # Guarantee: DDP's logged gradients are the all-reduced ones (with optimizer= and with
+    # backward hooks alone), FSDP2's norms are the whole tensors'; rank 0 alone writes.
+    single = all_scalars(logs["single"])
+    if mode == "ddp-hooks":  # without optimizer= there are no update ratios
+        single = {tag: v for tag, v in single.items() if not tag.startswith("updates/")}
+    got = all_scalars(logs[mode])
+    assert_same_scalars(got, single)
+    assert sorted(got["gradients/0.weight/norm"]) == list(range(STEPS))
+    assert len(event_files(logs[mode])) == 1
+    assert not any(name.startswith("rank") for name in os.listdir(logs[mode]))
+
+
+def test_per_rank_gives_each_rank_its_own_run(logs) -> None:
+    root = logs["ddp-per-rank"]
+    assert sorted(os.listdir(root)) == ["rank0", "rank1"]
+    single = all_scalars(logs["single"])
+    for rank in ("rank0", "rank1"):
+        assert_same_scalars(all_scalars(os.path.join(root, rank)), single)
+
+
+def test_fsdp_histograms_and_norms_are_the_whole_tensors_exactly(logs) -> None:
+    # Each rank bins its shard with the global min and max and the counts are added: the
+    # result must be the core's histogram of the gathered tensor, bucket for bucket.
+    with open(os.path.join(logs["fsdp"], "expected.json")) as file:
+        expected = json.load(file)
+    events = read_events(logs["fsdp"])
+    norms = all_scalars(logs["fsdp"])
+    for step, record in enumerate(expected):
+        for tag, want in record.items():
+            assert norms[f"{tag}/norm"][step] == pytest.approx(want["norm"], rel=1e-6)
+            (value,) = [e.histogram_value for e in events.Histograms(tag) if e.step == step]
+            assert (value.min, value.max) == (want["min"], want["max"])
+            counts = histogram_buckets(value)[:, 2]
+            nonzero = np.flatnonzero(want["counts"])
+            np.testing.assert_array_equal(counts, np.array(want["counts"])[nonzero[0] : nonzero[-1] + 1])
+
+
+def test_fsdp_without_an_optimizer_is_refused_with_the_reason(tmp_path) -> None:
+    # FSDP2's sharded gradients arrive (reduce-scattered) just before optimizer.step(); the
+    # backward hooks of the sharded parameters never fire, so logging needs optimizer=.
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    import normlog
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+        fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
+        with pytest.raises(ValueError, match="pass optimizer="):
+            normlog.watch(model, tmp_path / "run")
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        with normlog.watch(model, tmp_path / "run", optimizer=optimizer, health=False):
+            model(torch.ones(1, 2)).sum().backward()
+            optimizer.step()
+    finally:
+        dist.destroy_process_group()
+    norms = scalars(read_events(str(tmp_path / "run")), "gradients/0.weight/norm")
+    assert norms[0] == pytest.approx(2.0, rel=1e-6)  # d(sum)/dW = ones((2, 2)), whose norm is 2

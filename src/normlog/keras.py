@@ -10,6 +10,7 @@ logged steps. Histograms use the core's bucket rule in float64, so they equal th
 from __future__ import annotations
 
 import math
+import threading
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -119,13 +120,29 @@ class Watcher(keras.callbacks.Callback):  # type: ignore[misc]
         if optimizer is None or any(wrapped is optimizer for wrapped in self._wrapped):
             return
         original = optimizer.apply  # the bound method of the class, or another wrapper
+        # Under a tf.distribute strategy with several replicas, apply() sees each replica's
+        # own gradients; the optimizer sums them in _all_reduce_sum_gradients, which is
+        # where the statistics are taken then (of the inner optimizer under loss scaling,
+        # whose gradients are already unscaled).
+        inner = getattr(optimizer, "inner_optimizer", optimizer)
+        reducer = inner if hasattr(inner, "_all_reduce_sum_gradients") else None
+        armed = threading.local()
 
         def apply(grads: Sequence[Any], trainable_variables: Sequence[Any] | None = None) -> Any:
             variables = list(trainable_variables) if trainable_variables is not None else None
             if variables is None and optimizer.built:
                 variables = list(optimizer._trainable_variables)
-            pending = self._guard.safely(lambda: self._before_apply(optimizer, list(grads), variables or []))
-            result = original(grads, trainable_variables)
+            context = tf.distribute.get_replica_context()
+            if reducer is not None and context is not None and context.num_replicas_in_sync > 1:
+                armed.variables, armed.pending = variables or [], None
+                try:
+                    result = original(grads, trainable_variables)
+                    pending = armed.pending
+                finally:
+                    armed.variables = None
+            else:
+                pending = self._guard.safely(lambda: self._before_apply(optimizer, list(grads), variables or []))
+                result = original(grads, trainable_variables)
             if pending is not None:
                 self._guard.safely(lambda: self._after_apply(pending, measure_update=True))
             if tf.executing_eagerly():  # a custom eager loop: nothing else will write this step
@@ -134,6 +151,24 @@ class Watcher(keras.callbacks.Callback):  # type: ignore[misc]
 
         optimizer.apply = apply
         self._wrapped.append(optimizer)
+        if reducer is not None:
+            reduce_original = reducer._all_reduce_sum_gradients
+
+            def all_reduce_sum_gradients(grads_and_vars: Any) -> Any:
+                reduced = reduce_original(grads_and_vars)
+                variables = getattr(armed, "variables", None)
+                if variables is not None:  # inside our apply(), on a replica
+                    by_value = {id(getattr(v, "value", v)): v for v in variables}
+                    pairs = [(g, by_value.get(id(v), v)) for g, v in reduced]
+                    scale = _Unscaled() if reducer is not optimizer else optimizer
+                    armed.pending = self._guard.safely(
+                        lambda: self._before_apply(scale, [g for g, _ in pairs], [v for _, v in pairs])
+                    )
+                return reduced
+
+            reducer._all_reduce_sum_gradients = all_reduce_sum_gradients
+            if reducer is not optimizer:
+                self._wrapped.append(reducer)
         model = self._watched()
         if model is not None and getattr(model, "train_function", None) is not None:
             # fit traced its step before the hook existed: make it trace again, through the hook.
@@ -359,7 +394,8 @@ class Watcher(keras.callbacks.Callback):  # type: ignore[misc]
     def unwatch(self) -> None:
         """Restore the optimizers' own `apply`; close the writer if `watch` made it."""
         for optimizer in self._wrapped:
-            optimizer.__dict__.pop("apply", None)  # back to the class's method
+            optimizer.__dict__.pop("apply", None)  # back to the class's methods
+            optimizer.__dict__.pop("_all_reduce_sum_gradients", None)
         self._wrapped.clear()
         model = self._watched()
         if model is not None and getattr(model, "train_function", None) is not None:
@@ -396,6 +432,9 @@ class _State:
         self.names = [path.removeprefix(f"{model_name}/") for path in paths]
 
         def make(value: Any) -> tf.Variable:
+            # Under a tf.distribute strategy these are mirrored and, with no aggregation, each
+            # replica writes its own copy: the same statistics of the same summed gradients.
+            # The host reads the first replica's.
             return tf.Variable(value, trainable=False)
 
         self.step = make(tf.constant(0, tf.int64))

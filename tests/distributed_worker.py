@@ -22,6 +22,7 @@ import normlog
 import normlog.torch
 
 STEPS = 3
+HISTOGRAM_EVERY, UPDATE_EVERY = 2, 3  # step 0: norms, histograms, updates; 1: norms; 2: norms, histograms
 
 
 def main(mode: str, logdir: str) -> None:
@@ -35,6 +36,17 @@ def main(mode: str, logdir: str) -> None:
     y = torch.randn(8, 3, generator=torch.Generator().manual_seed(2))
     rows = slice(rank * 8 // world, (rank + 1) * 8 // world)
     expected: list[dict[str, object]] = []
+    all_reduces = [0] * STEPS  # normlog's own all-reduces, per step
+
+    if distributed:
+        real_all_reduce = dist.all_reduce
+
+        def counted(*args: object, **kwargs: object) -> object:
+            if sys._getframe(1).f_globals.get("__name__") == "normlog.torch":
+                all_reduces[watcher.step] += 1
+            return real_all_reduce(*args, **kwargs)  # type: ignore[arg-type]
+
+        dist.all_reduce = counted  # type: ignore[assignment]
 
     if mode == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
@@ -48,7 +60,7 @@ def main(mode: str, logdir: str) -> None:
         trained: nn.Module = model
     elif distributed:
         if mode == "ddp-hooks":  # hooks made before DDP's: ours must still see the reduced gradients
-            watcher = normlog.watch(model, logdir, histogram_every=1, health=False)
+            watcher = normlog.watch(model, logdir, histogram_every=HISTOGRAM_EVERY, health=False)
         trained = nn.parallel.DistributedDataParallel(model)
     else:
         trained = model
@@ -58,8 +70,8 @@ def main(mode: str, logdir: str) -> None:
             trained,
             logdir,
             optimizer=optimizer,
-            histogram_every=1,
-            update_every=1,
+            histogram_every=HISTOGRAM_EVERY,
+            update_every=UPDATE_EVERY,
             per_rank=mode == "ddp-per-rank",
             health=False,
         )
@@ -83,7 +95,7 @@ def main(mode: str, logdir: str) -> None:
     watcher.unwatch()
     if rank == 0 and expected:
         with open(os.path.join(logdir, "expected.json"), "w") as file:
-            json.dump(expected, file)
+            json.dump({"steps": expected, "all_reduces": all_reduces}, file)
     if distributed:
         dist.destroy_process_group()
 

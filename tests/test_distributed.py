@@ -85,14 +85,24 @@ def test_fsdp_histograms_and_norms_are_the_whole_tensors_exactly(logs) -> None:
         expected = json.load(file)
     events = read_events(logs["fsdp"])
     norms = all_scalars(logs["fsdp"])
-    for step, record in enumerate(expected):
+    for step, record in enumerate(expected["steps"]):
         for tag, want in record.items():
             assert norms[f"{tag}/norm"][step] == pytest.approx(want["norm"], rel=1e-6)
+            if step % 2:  # histograms every 2 steps
+                assert not [e for e in events.Histograms(tag) if e.step == step]
+                continue
             (value,) = [e.histogram_value for e in events.Histograms(tag) if e.step == step]
             assert (value.min, value.max) == (want["min"], want["max"])
             counts = histogram_buckets(value)[:, 2]
             nonzero = np.flatnonzero(want["counts"])
             np.testing.assert_array_equal(counts, np.array(want["counts"])[nonzero[0] : nonzero[-1] + 1])
+
+
+def test_fsdp_costs_one_all_reduce_per_logged_step_and_more_only_for_histograms_and_updates(logs) -> None:
+    # step 0: norms (1), histograms (global min/max, then sums: 2), update ratios (1);
+    # step 1: norms alone; step 2: norms and histograms. Never one per tensor (there are 8).
+    with open(os.path.join(logs["fsdp"], "expected.json")) as file:
+        assert json.load(file)["all_reduces"] == [4, 1, 3]
 
 
 def test_fsdp_without_an_optimizer_is_refused_with_the_reason(tmp_path) -> None:

@@ -537,7 +537,7 @@ def watch(
     `per_rank=True` each rank writes to `<logdir>/rank<k>`. Gradients are DDP's all-reduced
     ones. Parameters sharded by FSDP2 (DTensors) are logged whole: norms add the shards'
     squares and histograms bin every shard with the global min and max and add the counts,
-    in one all-reduce per logged step (one more when histograms or update ratios are due).
+    in one all-reduce per logged step (two more when histograms are due, one for update ratios).
     A model wrapped in DistributedDataParallel or torch.compile keeps its own tensor names.
     """
     if not isinstance(model, nn.Module):

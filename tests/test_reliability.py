@@ -106,6 +106,24 @@ def test_sigterm_closes_the_writer_and_still_ends_the_process(tmp_path) -> None:
     assert steps_of(str(tmp_path)) == list(range(100))
 
 
+def test_sigterm_while_the_main_thread_holds_the_files_lock_still_closes_it(tmp_path) -> None:
+    # The handler runs in the main thread between bytecodes, possibly inside add()'s
+    # critical section: closing must not wait on a lock its own thread holds.
+    script = (
+        "KWARGS = {'flush_secs': 10_000}\n"
+        + textwrap.dedent(ADD_100_STEPS)
+        + """
+with writer._file._cond:
+    os.kill(os.getpid(), __import__("signal").SIGTERM)
+    time.sleep(600)
+"""
+    )
+    process = start(script, str(tmp_path))
+    process.wait(timeout=30)
+    assert process.returncode == -signal.SIGTERM
+    assert steps_of(str(tmp_path)) == list(range(100))
+
+
 def test_a_users_own_sigterm_handler_is_left_alone(tmp_path) -> None:
     script = """
     import signal

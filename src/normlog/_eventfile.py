@@ -76,7 +76,7 @@ class EventFile:
         self._pending: list[bytes] = []
         self._pending_bytes = 0
         self._flush_asked = self._flush_done = 0
-        self._closing = self._closed = False
+        self._closing = self._closed = self._finished = False
         self.lost = 0  # events that never reached the file
         self._failing: OSError | None = None
         first = event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2")
@@ -125,15 +125,14 @@ class EventFile:
 
     def close(self) -> None:
         """Flush, stop the thread and close the file. Calling it again does nothing."""
-        with self._cond:
+        with self._cond:  # an RLock, which wait_for releases: safe from a signal handler too
             if self._closing:
                 return
             self._closing = True
             self._cond.notify_all()
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join(timeout=60.0)
-        with self._cond:
-            if not self._thread.is_alive():  # a wedged disk keeps the thread and its file
+            if self._thread.is_alive() and self._thread is not threading.current_thread():
+                self._cond.wait_for(lambda: self._finished, timeout=60.0)
+            if self._finished or not self._thread.is_alive():  # a wedged disk keeps thread and file
                 os.close(self._fd)
                 self._closed = True
         _OPEN.discard(self)
@@ -161,8 +160,9 @@ class EventFile:
                 last_sync, unsynced = time.monotonic(), False
             with self._cond:
                 self._flush_done = asked
+                self._finished = closing and not self._pending
                 self._cond.notify_all()
-                if closing and not self._pending:
+                if self._finished:
                     return
 
     def _write_batch(self, batch: list[bytes]) -> bool:

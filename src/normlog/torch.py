@@ -538,7 +538,8 @@ def watch(
     ones. Parameters sharded by FSDP2 (DTensors) are logged whole: norms add the shards'
     squares and histograms bin every shard with the global min and max and add the counts,
     in one all-reduce per logged step (two more when histograms are due, one for update ratios).
-    A model wrapped in DistributedDataParallel or torch.compile keeps its own tensor names.
+    On the ranks that do not write, `watcher.writer` is None. A model wrapped in
+    DistributedDataParallel or torch.compile keeps its own tensor names.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"normlog.watch expects a torch.nn.Module, got {type(model).__name__}")

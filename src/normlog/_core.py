@@ -4,13 +4,13 @@ Rules: this module imports numpy and nothing else, and it is the specification: 
 faster path elsewhere (a device reduction, a graph-mode reduction) must give its numbers.
 NaN and ±Inf are counted, never binned, and never reach min, max, sum or the moments.
 Input is read in float64 chunks, so extra memory stays bounded whatever the input size.
+Input that is not real numbers raises TypeError; no real input of any shape or value raises.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Union
@@ -295,7 +295,7 @@ def _equal_width_rule(count: int, lo: float, hi: float) -> tuple[np.ndarray, _Bu
     scale = 1.0  # a power of two, so scaling is exact
     if not math.isfinite(hi - lo):  # a range wider than the largest double: bin halves instead
         scale = 0.5
-    elif (hi - lo) / count < sys.float_info.min:  # a width that would underflow: bin 2**600 times the values
+    elif (hi - lo) / count < np.finfo(np.float64).tiny:  # a width that would underflow: bin 2**600 times the values
         scale = 2.0**600
     lo_s, hi_s = lo * scale, hi * scale
     width = (hi_s - lo_s) / count

@@ -4,3 +4,14 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 os.environ.setdefault("MPLBACKEND", "Agg")
+
+try:
+    from hypothesis import settings
+except ImportError:  # the property tests skip without hypothesis
+    pass
+else:
+    # CI runs the same examples every time, so a run lands or fails on the code alone;
+    # HYPOTHESIS_PROFILE=explore searches afresh, with many more examples.
+    settings.register_profile("ci", max_examples=200, derandomize=True, database=None)
+    settings.register_profile("explore", max_examples=5000)
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

@@ -45,7 +45,7 @@ def finite_float64(values: np.ndarray) -> np.ndarray:
     return flat[np.isfinite(flat)]
 
 
-@settings(max_examples=300, deadline=None)
+@settings(deadline=None)
 @given(values=arrays(), bins=st.integers(1, 40))
 def test_histogram_counts_every_finite_value_once_within_increasing_limits(values, bins) -> None:
     hist = normlog.histogram(values, bins)
@@ -57,7 +57,8 @@ def test_histogram_counts_every_finite_value_once_within_increasing_limits(value
         int((flat == np.inf).sum()),
         int((flat == -np.inf).sum()),
     )
-    assert np.all(np.diff(hist.edges) >= 0) and np.all(np.diff(hist.bucket_limits) >= 0)
+    with np.errstate(over="ignore"):  # the gap from -1e300 to 1.8e308 is inf, and still >= 0
+        assert np.all(np.diff(hist.edges) >= 0) and np.all(np.diff(hist.bucket_limits) >= 0)
     assert np.all(np.isfinite(hist.edges))
     if finite.size:
         assert hist.min <= finite.min() and finite.max() <= hist.max
@@ -71,7 +72,7 @@ def test_histogram_counts_every_finite_value_once_within_increasing_limits(value
             assert np.all(hist.edges[index] - slack <= ordered) and np.all(ordered <= hist.edges[index + 1] + slack)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(deadline=None)
 @given(values=arrays())
 def test_summarize_counts_and_bounds(values) -> None:
     stats = normlog.summarize(values)
@@ -87,7 +88,7 @@ def test_summarize_counts_and_bounds(values) -> None:
     assert norm >= 0 or math.isnan(norm)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(deadline=None)
 @given(values=arrays(), cuts=st.lists(st.integers(0, 300), max_size=4), bins=st.integers(1, 40))
 def test_parts_merge_into_the_whole(values, cuts, bins) -> None:
     flat = values.reshape(-1)
@@ -114,7 +115,7 @@ def test_parts_merge_into_the_whole(values, cuts, bins) -> None:
         assert stats.norm == pytest.approx(alone.norm, rel=1e-9, abs=1e-300)
 
 
-@settings(max_examples=50, deadline=None)
+@settings(deadline=None)
 @given(
     values=st.one_of(
         hnp.arrays(np.complex128, hnp.array_shapes(min_dims=0, max_dims=2)),

@@ -239,7 +239,7 @@ def test_a_restart_with_purge_step_drops_the_stale_tail(tmp_path) -> None:
     }
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     tag=st.text(min_size=1, max_size=40),
     step=st.one_of(st.integers(-(2**64), 2**64), st.none(), st.floats(allow_nan=True)),

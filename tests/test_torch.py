@@ -132,6 +132,23 @@ def test_device_histogram_row_matches_the_core_exactly(dtype: str) -> None:
         assert (got.min, got.max, got.num) == (expected.min, expected.max, expected.num)
 
 
+@pytest.mark.parametrize(
+    "values",
+    [[0.0, 5e-324, 1e-323, 2e-323], [-1e-309, 0.0, 3e-310], [-1.7e308, 0.0, 1e300, 1.7e308], [-1e300, 1.79e308]],
+)
+def test_device_histogram_of_float64_ranges_past_the_doubles_limits(values) -> None:
+    # ranges narrower than the smallest normal double, or wider than the largest: the
+    # device scales by a power of two, as the core does
+    from normlog._core import _histogram_from_row
+    from normlog.torch import _histogram_row
+
+    tensor = torch.tensor(values, dtype=torch.float64)
+    expected = normlog.histogram(np.array(values), 7)
+    got = _histogram_from_row(_histogram_row(tensor, 7, mask_nonfinite=False).numpy(), 7)
+    np.testing.assert_array_equal(got.counts, expected.counts)
+    np.testing.assert_array_equal(got.edges, expected.edges)
+
+
 def test_device_histogram_of_nonfinite_constant_and_empty_tensors() -> None:
     from normlog._core import _histogram_from_row
     from normlog.torch import _histogram_row

@@ -58,6 +58,9 @@ def _norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return out
 
 
+_TINY = float(torch.finfo(torch.float64).tiny)
+
+
 def _histogram_row(
     tensor: torch.Tensor, bins: int, mask_nonfinite: bool, span: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -84,8 +87,16 @@ def _histogram_row(
         lo, hi = (bound.to(torch.float64) for bound in torch.aminmax(flat))  # exact in any float dtype
     else:
         lo, hi = span.to(values.device).unbind()
-    width = torch.where(hi > lo, (hi - lo) / bins, torch.ones_like(lo))
     stats = torch.stack([lo, hi, values.sum(), values.dot(values), values.new_tensor(float(size))])
+    if tensor.dtype == torch.float64:
+        # Only float64 ranges can overflow (past the largest double) or give a width below
+        # the smallest normal one: scale by a power of two, exactly, as the core does.
+        extent = hi - lo
+        half, up, one = (extent.new_tensor(v) for v in (0.5, 2.0**600, 1.0))
+        scale = torch.where(torch.isinf(extent), half, torch.where(extent / bins < _TINY, up, one))
+        values.mul_(scale)
+        lo, hi = lo * scale, hi * scale
+    width = torch.where(hi > lo, (hi - lo) / bins, torch.ones_like(lo))
     # x - min >= 0, so the conversion's truncation is the floor. The clamp also keeps NaN and
     # Inf, which become arbitrary integers, inside bincount's range until the norms reveal
     # them and the masked pass redoes the row.

@@ -201,6 +201,22 @@ def test_a_slow_disk_never_blocks_and_memory_stays_bounded(tmp_path) -> None:
     event_file.close()
 
 
+def test_an_unexpected_error_in_the_writer_thread_warns_and_drops_instead_of_queueing(tmp_path, monkeypatch) -> None:
+    writer = normlog.Writer(tmp_path)
+    writer.add_scalar("loss", 1.0, 0)
+    writer.flush()
+    monkeypatch.setattr(writer._file, "_write_all", lambda data: 1 / 0)
+    with pytest.warns(RuntimeWarning, match="stopped"):  # noqa: PT031 (the thread warns: wait for it)
+        writer.add_scalar("loss", 2.0, 1)
+        writer._file._thread.join(timeout=30)
+    for step in range(2, 50):
+        writer.add_scalar("loss", 3.0, step)  # no queue grows behind a dead thread
+    assert writer._file._pending_bytes == 0 and writer.lost_events == 49
+    writer.flush()
+    writer.close()
+    assert steps_of(str(tmp_path)) == [0]
+
+
 def test_eight_threads_on_one_writer_lose_no_event(tmp_path) -> None:
     writer = normlog.Writer(tmp_path)
 

@@ -76,7 +76,9 @@ class EventFile:
         self._pending: list[bytes] = []
         self._pending_bytes = 0
         self._flush_asked = self._flush_done = 0
-        self._closing = self._closed = self._finished = False
+        self._closing = self._closed = self._finished = self._behind = False
+        self._broken: BaseException | None = None  # what stopped the thread, if anything did
+        self._in_flight = 0  # events the thread is writing now
         self.lost = 0  # events that never reached the file
         self._failing: OSError | None = None
         first = event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2")
@@ -103,9 +105,10 @@ class EventFile:
         with self._cond:
             if self._closing:
                 raise ValueError(f"normlog: event file {self.path!r} is closed")
-            if self._pending_bytes + len(record) > self._max_pending:
+            if self._broken is not None or self._pending_bytes + len(record) > self._max_pending:
                 self.lost += 1
-                if self._failing is None:  # the disk is slow, not failing: say so once
+                if not self._behind and self._broken is None:  # a slow disk, not a failing one: once per episode
+                    self._behind = True
                     _warn(f"normlog: {self.path!r}: writing is behind by {self._pending_bytes} bytes; events dropped")
                 return
             self._pending.append(record)
@@ -121,7 +124,7 @@ class EventFile:
             self._flush_asked += 1
             wanted = self._flush_asked
             self._cond.notify_all()
-            return self._cond.wait_for(lambda: self._flush_done >= wanted, timeout)
+            return self._cond.wait_for(lambda: self._flush_done >= wanted or self._finished, timeout)
 
     def close(self) -> None:
         """Flush, stop the thread and close the file. Calling it again does nothing."""
@@ -140,6 +143,17 @@ class EventFile:
     # -- the thread's side ---------------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as error:  # a bug here must not leave add() queueing forever
+            with self._cond:
+                self._broken, self._finished = error, True
+                self.lost += self._in_flight + len(self._pending)
+                self._pending, self._pending_bytes = [], 0
+                self._cond.notify_all()
+            _warn(f"normlog: the writer of {self.path!r} stopped ({error!r}); later events are dropped")
+
+    def _loop(self) -> None:
         last_sync = time.monotonic()
         unsynced = False
         while True:
@@ -150,8 +164,11 @@ class EventFile:
                 )
                 batch, self._pending, self._pending_bytes = self._pending, [], 0
                 asked, closing = self._flush_asked, self._closing
+                self._behind = False
             if batch:
+                self._in_flight = len(batch)
                 unsynced |= self._write_batch(batch)
+                self._in_flight = 0
             if unsynced and (asked > self._flush_done or closing or time.monotonic() >= last_sync + self._flush_secs):
                 try:
                     os.fsync(self._fd)

@@ -8,6 +8,7 @@ import importlib
 import json
 import math
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -35,8 +36,11 @@ def start(script: str, logdir: str) -> subprocess.Popen[str]:
     )
 
 
-def wait_ready(process: subprocess.Popen[str]) -> None:
+def wait_ready(process: subprocess.Popen[str], timeout: float = 120) -> None:
     assert process.stdout is not None
+    if not select.select([process.stdout], [], [], timeout)[0]:
+        process.kill()
+        raise AssertionError(f"child not ready in {timeout} s: {process.communicate(timeout=30)}")
     line = process.stdout.readline()
     if line.strip() != "READY":
         process.kill()
@@ -65,7 +69,7 @@ def test_sigkill_after_flush_loses_nothing_and_without_flush_only_the_last_momen
     process = start(script + "print('READY', flush=True)\ntime.sleep(600)\n", str(tmp_path))
     wait_ready(process)
     process.send_signal(signal.SIGKILL)
-    process.wait(timeout=30)
+    process.wait(timeout=120)
     assert process.returncode == -signal.SIGKILL
     assert steps_of(str(tmp_path)) == list(range(100))
     assert sorted(e.step for e in read_events(str(tmp_path)).Histograms("weights")) == list(range(100))
@@ -90,7 +94,7 @@ time.sleep(600)
     process = start(script, str(tmp_path))
     wait_ready(process)
     process.kill()
-    process.wait(timeout=30)
+    process.wait(timeout=120)
     assert steps_of(str(tmp_path)) == list(range(101))
 
 
@@ -101,7 +105,7 @@ def test_sigterm_closes_the_writer_and_still_ends_the_process(tmp_path) -> None:
     process = start(script + "print('READY', flush=True)\ntime.sleep(600)\n", str(tmp_path))
     wait_ready(process)
     process.send_signal(signal.SIGTERM)
-    process.wait(timeout=30)
+    process.wait(timeout=120)
     assert process.returncode == -signal.SIGTERM
     assert steps_of(str(tmp_path)) == list(range(100))
 
@@ -119,7 +123,7 @@ with writer._file._cond:
 """
     )
     process = start(script, str(tmp_path))
-    process.wait(timeout=30)
+    process.wait(timeout=120)
     assert process.returncode == -signal.SIGTERM
     assert steps_of(str(tmp_path)) == list(range(100))
 
@@ -136,7 +140,7 @@ def test_a_users_own_sigterm_handler_is_left_alone(tmp_path) -> None:
     process = start(script, str(tmp_path))
     wait_ready(process)
     process.send_signal(signal.SIGTERM)
-    out, _ = process.communicate(timeout=30)
+    out, _ = process.communicate(timeout=120)
     assert "USER HANDLER" in out and process.returncode == 3
     assert steps_of(str(tmp_path)) == [0]  # sys.exit ran atexit, which closed the file
 
@@ -145,7 +149,7 @@ def test_interpreter_exit_without_close_keeps_every_event(tmp_path) -> None:
     script = "KWARGS = {'flush_secs': 10_000}\n" + textwrap.dedent(ADD_100_STEPS) + "print('READY', flush=True)\n"
     process = start(script, str(tmp_path))
     wait_ready(process)
-    assert process.wait(timeout=30) == 0
+    assert process.wait(timeout=120) == 0
     assert steps_of(str(tmp_path)) == list(range(100))
 
 

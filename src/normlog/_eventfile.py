@@ -77,6 +77,7 @@ class EventFile:
         self._pending_bytes = 0
         self._flush_asked = self._flush_done = 0
         self._closing = self._closed = self._finished = self._behind = False
+        self._sync_on_close = True
         self._broken: BaseException | None = None  # what stopped the thread, if anything did
         self._in_flight = 0  # events the thread is writing now
         self.lost = 0  # events that never reached the file
@@ -126,12 +127,13 @@ class EventFile:
             self._cond.notify_all()
             return self._cond.wait_for(lambda: self._flush_done >= wanted or self._finished, timeout)
 
-    def close(self) -> None:
-        """Flush, stop the thread and close the file. Calling it again does nothing."""
+    def close(self, sync: bool = True) -> None:
+        """Write out what is queued, fsync (unless `sync=False`), stop the thread and close
+        the file. Calling it again does nothing."""
         with self._cond:  # an RLock, which wait_for releases: safe from a signal handler too
             if self._closing:
                 return
-            self._closing = True
+            self._closing, self._sync_on_close = True, sync
             self._cond.notify_all()
             if self._thread.is_alive() and self._thread is not threading.current_thread():
                 self._cond.wait_for(lambda: self._finished, timeout=60.0)
@@ -169,7 +171,8 @@ class EventFile:
                 self._in_flight = len(batch)
                 unsynced |= self._write_batch(batch)
                 self._in_flight = 0
-            if unsynced and (asked > self._flush_done or closing or time.monotonic() >= last_sync + self._flush_secs):
+            due = asked > self._flush_done or (closing and self._sync_on_close)
+            if unsynced and (due or time.monotonic() >= last_sync + self._flush_secs):
                 try:
                     os.fsync(self._fd)
                 except OSError as error:
@@ -221,8 +224,10 @@ def _warn(message: str) -> None:
 
 
 def _close_all() -> None:
+    # At exit and on SIGTERM the process ends, but the kernel keeps what was written: write
+    # everything out, and do not wait for fsync, which a busy disk can hold up for seconds.
     for event_file in list(_OPEN):
-        event_file.close()
+        event_file.close(sync=False)
 
 
 _installed = False

@@ -544,7 +544,8 @@ def watch(
     report findings as HealthWarnings (or `logging` records with `health_via="logging"`) and
     under `health/` in TensorBoard.
 
-    Under torch.distributed, every rank calls `watch` and rank 0 alone writes, or with
+    Under torch.distributed (call `watch` after `init_process_group`), every rank calls
+    `watch` and rank 0 alone writes, or with
     `per_rank=True` each rank writes to `<logdir>/rank<k>`. Gradients are DDP's all-reduced
     ones. Parameters sharded by FSDP2 (DTensors) are logged whole: norms add the shards'
     squares and histograms bin every shard with the global min and max and add the counts,

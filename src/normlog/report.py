@@ -112,13 +112,8 @@ def check_event_file(path: str) -> str | None:
     """What is wrong with an event file, or None: each TFRecord's length and data must
     match their masked CRC32C, and the first record must be an Event with a file version.
     TensorBoard's reader stops at the first bad record; this says where and why."""
-    import crc32c
-
+    from normlog._eventfile import _masked_crc
     from normlog.writer import _tensorboardx
-
-    def masked(data: bytes) -> int:
-        crc = crc32c.crc32c(data)
-        return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
     try:
         with open(path, "rb") as file:
@@ -133,7 +128,7 @@ def check_event_file(path: str) -> str | None:
         if len(header) < 12:
             return f"ends in a cut-off record after {records} whole records (byte {offset})"
         (length,) = struct.unpack("<Q", header[:8])
-        if struct.unpack("<I", header[8:])[0] != masked(header[:8]):
+        if header[8:] != _masked_crc(header[:8]):
             if records == 0:
                 return "is not a TensorBoard event file (its first record is not a TFRecord)"
             return f"has a corrupt record (length CRC mismatch) after {records} whole records (byte {offset})"
@@ -141,7 +136,7 @@ def check_event_file(path: str) -> str | None:
         if end > len(content):
             return f"ends in a cut-off record after {records} whole records (byte {offset})"
         data = content[offset + 12 : end - 4]
-        if struct.unpack("<I", content[end - 4 : end])[0] != masked(data):
+        if content[end - 4 : end] != _masked_crc(data):
             return f"has a corrupt record (data CRC mismatch) after {records} whole records (byte {offset})"
         if records == 0:
             event = _tensorboardx().proto.event_pb2.Event()

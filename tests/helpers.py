@@ -46,3 +46,11 @@ def histogram_buckets(value: Any) -> np.ndarray:
     rights = [*value.bucket_limit[:-1], value.max]
     lefts = [value.min, *value.bucket_limit[:-1]]
     return np.array([lefts, rights, list(value.bucket)], dtype=np.float64).T
+
+
+def assert_same_histogram(got: Any, expected: Any) -> None:
+    """Two normlog.Histograms with the same edges, counts, bounds and non-finite counts."""
+    np.testing.assert_array_equal(got.edges, expected.edges)
+    np.testing.assert_array_equal(got.counts, expected.counts)
+    fields = ("min", "max", "num", "nan", "posinf", "neginf")
+    assert [getattr(got, f) for f in fields] == [getattr(expected, f) for f in fields]

@@ -8,11 +8,12 @@ import subprocess
 import sys
 import textwrap
 import warnings
+from typing import Any
 
 import numpy as np
 import pytest
 
-from helpers import read_events, requires, scalars
+from helpers import assert_same_histogram, read_events, requires, scalars
 
 tf = requires("tensorflow")
 keras = requires("keras")
@@ -46,13 +47,17 @@ def tape_gradients(model: keras.Model, x: np.ndarray, y: np.ndarray) -> dict[str
     return {v.path.removeprefix(f"{model.name}/"): g.numpy() for v, g in zip(model.trainable_variables, grads)}
 
 
+def fit_watched(model: keras.Model, logdir, x=X, y=Y, batch_size: int = 32, **options) -> Any:
+    """One epoch of `fit`, in order, watched by normlog with `options`; the events written."""
+    callback = normlog.keras.watch(model, str(logdir), **options)
+    model.fit(x, y, batch_size=batch_size, epochs=1, shuffle=False, verbose=0, callbacks=[callback])
+    return read_events(str(logdir))
+
+
 def test_step_zero_gradient_norms_equal_a_manual_gradient_tape(tmp_path) -> None:
     model = make_model()
     expected = tape_gradients(model, X[:32], Y[:32])
-    model.fit(
-        X, Y, batch_size=32, epochs=1, shuffle=False, verbose=0, callbacks=[normlog.keras.watch(model, str(tmp_path))]
-    )
-    events = read_events(str(tmp_path))
+    events = fit_watched(model, tmp_path)
     for name, grad in expected.items():
         assert scalars(events, f"gradients/{name}/norm")[0] == pytest.approx(np.linalg.norm(grad), rel=1e-5)
     total = math.sqrt(sum(float(np.sum(g.astype(np.float64) ** 2)) for g in expected.values()))
@@ -64,16 +69,7 @@ def test_histograms_equal_the_cores_and_follow_histogram_every(tmp_path) -> None
     model = make_model()
     expected = tape_gradients(model, X[:32], Y[:32])
     weights = {v.path.removeprefix("net/"): v.numpy() for v in model.trainable_variables}
-    model.fit(
-        X,
-        Y,
-        batch_size=32,
-        epochs=1,
-        shuffle=False,
-        verbose=0,
-        callbacks=[normlog.keras.watch(model, str(tmp_path), histogram_every=3)],
-    )
-    events = read_events(str(tmp_path))
+    events = fit_watched(model, tmp_path, histogram_every=3)
     assert [e.step for e in events.Histograms("gradients/dense/kernel")] == [0, 3, 6]
     for kind, arrays in (("gradients", expected), ("parameters", weights)):
         for name, array in arrays.items():
@@ -100,30 +96,13 @@ def test_in_graph_histogram_row_matches_the_core(values: np.ndarray) -> None:
 
     got = _histogram_from_row(_histogram_row(tf.constant(values), 30).numpy(), 30)
     expected = normlog.histogram(values)
-    np.testing.assert_array_equal(got.edges, expected.edges)
-    np.testing.assert_array_equal(got.counts, expected.counts)
-    assert (got.min, got.max, got.num, got.nan, got.posinf, got.neginf) == (
-        expected.min,
-        expected.max,
-        expected.num,
-        expected.nan,
-        expected.posinf,
-        expected.neginf,
-    )
+    assert_same_histogram(got, expected)
 
 
 def test_update_ratio_is_the_relative_size_of_the_step(tmp_path) -> None:
     model = make_model()
     before = [v.numpy().copy() for v in model.trainable_variables]
-    model.fit(
-        X[:32],
-        Y[:32],
-        batch_size=32,
-        epochs=1,
-        verbose=0,
-        callbacks=[normlog.keras.watch(model, str(tmp_path), update_every=1)],
-    )
-    events = read_events(str(tmp_path))
+    events = fit_watched(model, tmp_path, x=X[:32], y=Y[:32], update_every=1)
     for variable, old in zip(model.trainable_variables, before):
         name = variable.path.removeprefix("net/")
         expected = np.linalg.norm(variable.numpy() - old) / np.linalg.norm(old)
@@ -147,7 +126,7 @@ def test_watching_changes_no_checkpoint(tmp_path) -> None:
 def test_a_train_function_traced_before_watching_is_retraced(tmp_path) -> None:
     model = make_model()
     model.fit(X, Y, batch_size=64, epochs=1, verbose=0)  # traces without the hook
-    model.fit(X, Y, batch_size=64, epochs=1, verbose=0, callbacks=[normlog.keras.watch(model, str(tmp_path))])
+    fit_watched(model, tmp_path, batch_size=64)
     assert len(scalars(read_events(str(tmp_path)), "gradients/global_norm")) == 4
 
 
@@ -159,14 +138,7 @@ def test_non_trainable_and_gradient_less_variables_are_skipped(tmp_path) -> None
     outputs = keras.layers.Dense(1, name="head")(hidden)
     model = keras.Model(inputs, outputs, name="net")
     model.compile(optimizer="adam", loss="mse")
-    model.fit(
-        X,
-        Y,
-        batch_size=64,
-        epochs=1,
-        verbose=0,
-        callbacks=[normlog.keras.watch(model, str(tmp_path), strict=True, histogram_every=1)],
-    )
+    fit_watched(model, tmp_path, batch_size=64, strict=True, histogram_every=1)
     tags = set(read_events(str(tmp_path)).Tags()["scalars"])
     assert {"gradients/head/kernel/norm", "gradients/norm/gamma/norm"} <= tags
     assert not any("frozen" in tag or "moving_mean" in tag for tag in tags)
@@ -175,9 +147,7 @@ def test_non_trainable_and_gradient_less_variables_are_skipped(tmp_path) -> None
 def test_global_clipnorm_logs_the_norm_before_clipping(tmp_path) -> None:
     model = make_model(keras.optimizers.SGD(0.1, global_clipnorm=1e-3))
     expected = tape_gradients(model, X[:32], Y[:32])
-    model.fit(
-        X, Y, batch_size=32, epochs=1, shuffle=False, verbose=0, callbacks=[normlog.keras.watch(model, str(tmp_path))]
-    )
+    fit_watched(model, tmp_path)
     total = math.sqrt(sum(float(np.sum(g.astype(np.float64) ** 2)) for g in expected.values()))
     logged = scalars(read_events(str(tmp_path)), "gradients/global_norm")[0]
     assert logged == pytest.approx(total, rel=1e-5) and logged > 100 * 1e-3
@@ -186,9 +156,7 @@ def test_global_clipnorm_logs_the_norm_before_clipping(tmp_path) -> None:
 def test_gradient_accumulation_logs_every_micro_batch(tmp_path) -> None:
     model = make_model(keras.optimizers.SGD(0.1, gradient_accumulation_steps=2))
     expected = tape_gradients(model, X[:32], Y[:32])
-    model.fit(
-        X, Y, batch_size=32, epochs=1, shuffle=False, verbose=0, callbacks=[normlog.keras.watch(model, str(tmp_path))]
-    )
+    fit_watched(model, tmp_path)
     logged = scalars(read_events(str(tmp_path)), "gradients/dense/kernel/norm")
     assert sorted(logged) == list(range(8))
     assert logged[0] == pytest.approx(np.linalg.norm(expected["dense/kernel"]), rel=1e-5)
@@ -197,10 +165,7 @@ def test_gradient_accumulation_logs_every_micro_batch(tmp_path) -> None:
 def test_loss_scale_optimizer_logs_unscaled_gradients_and_the_scale(tmp_path) -> None:
     model = make_model(keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.1)))
     expected = tape_gradients(model, X[:32], Y[:32])
-    model.fit(
-        X, Y, batch_size=32, epochs=1, shuffle=False, verbose=0, callbacks=[normlog.keras.watch(model, str(tmp_path))]
-    )
-    events = read_events(str(tmp_path))
+    events = fit_watched(model, tmp_path)
     assert scalars(events, "gradients/dense/kernel/norm")[0] == pytest.approx(
         np.linalg.norm(expected["dense/kernel"]), rel=1e-5
     )
@@ -209,16 +174,7 @@ def test_loss_scale_optimizer_logs_unscaled_gradients_and_the_scale(tmp_path) ->
 
 def test_steps_per_execution_logs_the_last_step_of_each_execution(tmp_path) -> None:
     model = make_model(steps_per_execution=4)
-    model.fit(
-        X,
-        Y,
-        batch_size=32,
-        epochs=1,
-        shuffle=False,
-        verbose=0,
-        callbacks=[normlog.keras.watch(model, str(tmp_path), histogram_every=2)],
-    )
-    events = read_events(str(tmp_path))
+    events = fit_watched(model, tmp_path, histogram_every=2)
     assert sorted(scalars(events, "gradients/global_norm")) == [3, 7]
     # a histogram step inside an execution is kept until the callback reads it
     assert [e.step for e in events.Histograms("gradients/dense/kernel")] == [2, 6]
@@ -227,16 +183,7 @@ def test_steps_per_execution_logs_the_last_step_of_each_execution(tmp_path) -> N
 def test_xla_compiled_train_step(tmp_path) -> None:
     model = make_model(jit_compile=True)
     expected = tape_gradients(model, X[:32], Y[:32])
-    model.fit(
-        X,
-        Y,
-        batch_size=32,
-        epochs=1,
-        shuffle=False,
-        verbose=0,
-        callbacks=[normlog.keras.watch(model, str(tmp_path), histogram_every=4)],
-    )
-    events = read_events(str(tmp_path))
+    events = fit_watched(model, tmp_path, histogram_every=4)
     assert scalars(events, "gradients/dense/kernel/norm")[0] == pytest.approx(
         np.linalg.norm(expected["dense/kernel"]), rel=1e-5
     )
@@ -248,15 +195,7 @@ def test_nonfinite_gradients_are_counted_and_warned_about(tmp_path) -> None:
     x = X.copy()
     x[40, 0] = np.nan  # batch 1
     with pytest.warns(RuntimeWarning, match=r"NaN/Inf values in the gradients of 'dense/kernel' at step 1"):
-        model.fit(
-            x,
-            Y,
-            batch_size=32,
-            epochs=1,
-            shuffle=False,
-            verbose=0,
-            callbacks=[normlog.keras.watch(model, str(tmp_path))],
-        )
+        fit_watched(model, tmp_path, x=x)
     nonfinite = scalars(read_events(str(tmp_path)), "gradients/dense/kernel/nonfinite")
     assert min(nonfinite) == 1 and nonfinite[1] > 0
 
@@ -335,15 +274,7 @@ def test_a_trainable_layer_outside_the_forward_pass_is_skipped(tmp_path) -> None
     model.compile(optimizer="sgd", loss="mse")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Keras' own warning about the missing gradients
-        model.fit(
-            X,
-            Y,
-            batch_size=64,
-            epochs=1,
-            verbose=0,
-            callbacks=[normlog.keras.watch(model, str(tmp_path), strict=True, histogram_every=1)],
-        )
-    events = read_events(str(tmp_path))
+        events = fit_watched(model, tmp_path, batch_size=64, strict=True, histogram_every=1)
     assert len(scalars(events, "gradients/used/kernel/norm")) == 4
     assert not any("unused" in tag for tag in events.Tags()["scalars"] + events.Tags()["histograms"])
 
@@ -354,15 +285,7 @@ def test_mixed_float16_policy_logs_unscaled_float32_gradient_norms(tmp_path) -> 
         model = make_model()  # compile wraps the optimizer in a LossScaleOptimizer
         assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
         expected = tape_gradients(model, X[:32], Y[:32])
-        model.fit(
-            X,
-            Y,
-            batch_size=32,
-            epochs=1,
-            shuffle=False,
-            verbose=0,
-            callbacks=[normlog.keras.watch(model, str(tmp_path), histogram_every=1)],
-        )
+        fit_watched(model, tmp_path, histogram_every=1)
     finally:
         keras.mixed_precision.set_global_policy("float32")
     events = read_events(str(tmp_path))

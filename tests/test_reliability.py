@@ -47,6 +47,14 @@ def wait_ready(process: subprocess.Popen[str], timeout: float = 120) -> None:
         raise AssertionError(f"child failed: {line}{process.communicate(timeout=30)}")
 
 
+def signal_when_ready(script: str, logdir: str, signum: int) -> int:
+    """Run `script` (see `start`), send `signum` once it prints READY; its exit code."""
+    process = start(script, logdir)
+    wait_ready(process)
+    process.send_signal(signum)
+    return process.wait(timeout=120)
+
+
 def steps_of(logdir: str, tag: str = "loss") -> list[int]:
     return sorted(scalars(read_events(logdir), tag))
 
@@ -62,15 +70,12 @@ ADD_100_STEPS = """
 @pytest.mark.parametrize("flush", [True, False])
 def test_sigkill_after_flush_loses_nothing_and_without_flush_only_the_last_moment(tmp_path, flush) -> None:
     # Guarantee: a killed process keeps every event added before flush(); with the default
-    # settings, every event added more than flush_secs (10 s) before, in practice the last
-    # milliseconds' only (here: half a second).
+    # settings, it loses only what was still queued, normally the last milliseconds' events
+    # (here every event added half a second before the kill is there).
     script = "KWARGS = {}\n" + textwrap.dedent(ADD_100_STEPS)
     script += "writer.flush()\n" if flush else "time.sleep(0.5)\n"
-    process = start(script + "print('READY', flush=True)\ntime.sleep(600)\n", str(tmp_path))
-    wait_ready(process)
-    process.send_signal(signal.SIGKILL)
-    process.wait(timeout=120)
-    assert process.returncode == -signal.SIGKILL
+    script += "print('READY', flush=True)\ntime.sleep(600)\n"
+    assert signal_when_ready(script, str(tmp_path), signal.SIGKILL) == -signal.SIGKILL
     assert steps_of(str(tmp_path)) == list(range(100))
     assert sorted(e.step for e in read_events(str(tmp_path)).Histograms("weights")) == list(range(100))
 
@@ -81,7 +86,6 @@ def test_the_file_is_synced_on_the_flush_timer(tmp_path) -> None:
         "KWARGS = {'flush_secs': 0.2}\n"
         + textwrap.dedent(ADD_100_STEPS)
         + """
-import normlog._eventfile as ef
 synced = []
 real = os.fsync
 os.fsync = lambda fd: (synced.append(fd), real(fd))[1]
@@ -91,22 +95,16 @@ print("READY" if synced else "NOT SYNCED", flush=True)
 time.sleep(600)
 """
     )
-    process = start(script, str(tmp_path))
-    wait_ready(process)
-    process.kill()
-    process.wait(timeout=120)
+    assert signal_when_ready(script, str(tmp_path), signal.SIGKILL) == -signal.SIGKILL
     assert steps_of(str(tmp_path)) == list(range(101))
 
 
 def test_sigterm_closes_the_writer_and_still_ends_the_process(tmp_path) -> None:
-    # Guarantee: SIGTERM (what schedulers and torchrun send) flushes and closes every open
-    # event file, and the process still dies of SIGTERM.
+    # Guarantee: SIGTERM (what schedulers and torchrun send) writes out and closes every
+    # open event file, and the process still dies of SIGTERM.
     script = "KWARGS = {'flush_secs': 10_000}\n" + textwrap.dedent(ADD_100_STEPS)
-    process = start(script + "print('READY', flush=True)\ntime.sleep(600)\n", str(tmp_path))
-    wait_ready(process)
-    process.send_signal(signal.SIGTERM)
-    process.wait(timeout=120)
-    assert process.returncode == -signal.SIGTERM
+    script += "print('READY', flush=True)\ntime.sleep(600)\n"
+    assert signal_when_ready(script, str(tmp_path), signal.SIGTERM) == -signal.SIGTERM
     assert steps_of(str(tmp_path)) == list(range(100))
 
 

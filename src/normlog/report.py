@@ -116,38 +116,34 @@ def check_event_file(path: str) -> str | None:
     from normlog.writer import _tensorboardx
 
     try:
-        with open(path, "rb") as file:
-            content = file.read()
+        with open(path, "rb") as file:  # record by record: event files can be large
+            offset = records = 0
+            while header := file.read(12):
+                if len(header) < 12:
+                    return f"ends in a cut-off record after {records} whole records (byte {offset})"
+                if header[8:] != _masked_crc(header[:8]):
+                    if records == 0:
+                        return "is not a TensorBoard event file (its first record is not a TFRecord)"
+                    return f"has a corrupt record (length CRC mismatch) after {records} whole records (byte {offset})"
+                (length,) = struct.unpack("<Q", header[:8])
+                body = file.read(length + 4)
+                if len(body) < length + 4:
+                    return f"ends in a cut-off record after {records} whole records (byte {offset})"
+                data = body[:length]
+                if body[length:] != _masked_crc(data):
+                    return f"has a corrupt record (data CRC mismatch) after {records} whole records (byte {offset})"
+                if records == 0:
+                    event = _tensorboardx().proto.event_pb2.Event()
+                    try:
+                        event.ParseFromString(data)
+                    except Exception:
+                        event.Clear()
+                    if not event.file_version:
+                        return "is not a TensorBoard event file (its first record is not a file-version Event)"
+                offset, records = offset + 12 + length + 4, records + 1
     except OSError as error:
         return f"cannot be read ({error.strerror})"
-    if not content:
-        return "is empty (a writer that has not written yet?)"
-    offset, records = 0, 0
-    while offset < len(content):
-        header = content[offset : offset + 12]
-        if len(header) < 12:
-            return f"ends in a cut-off record after {records} whole records (byte {offset})"
-        (length,) = struct.unpack("<Q", header[:8])
-        if header[8:] != _masked_crc(header[:8]):
-            if records == 0:
-                return "is not a TensorBoard event file (its first record is not a TFRecord)"
-            return f"has a corrupt record (length CRC mismatch) after {records} whole records (byte {offset})"
-        end = offset + 12 + length + 4
-        if end > len(content):
-            return f"ends in a cut-off record after {records} whole records (byte {offset})"
-        data = content[offset + 12 : end - 4]
-        if content[end - 4 : end] != _masked_crc(data):
-            return f"has a corrupt record (data CRC mismatch) after {records} whole records (byte {offset})"
-        if records == 0:
-            event = _tensorboardx().proto.event_pb2.Event()
-            try:
-                event.ParseFromString(data)
-            except Exception:
-                event.Clear()
-            if not event.file_version:
-                return "is not a TensorBoard event file (its first record is not a file-version Event)"
-        offset, records = end, records + 1
-    return None
+    return None if records else "is empty (a writer that has not written yet?)"
 
 
 def load_runs(logdir: str) -> tuple[list[Run], list[str]]:

@@ -10,9 +10,9 @@ only after its condition has cleared.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import math
-import statistics
 import warnings
 from collections import deque
 from collections.abc import Iterable
@@ -96,31 +96,37 @@ class Monitor:
         self.thresholds = thresholds or Thresholds()
         self.findings: list[Finding] = []
         self._active: dict[tuple[str, str, str], int] = {}  # episode -> clean steps since
-        self._history: dict[str, deque[float]] = {}
+        self._history: dict[str, tuple[deque[float], list[float]]] = {}  # recent norms, and sorted
         self._streaks: dict[tuple[str, str], int] = {}
         self._weights: dict[str, deque[float]] = {}
+        self._rises: dict[str, deque[bool]] = {}  # whether each step in the window rose
+        self._rise_counts: dict[str, int] = {}
 
     def observe(self, values: StepValues) -> list[Finding]:
+        # Runs on every logged step for every tensor, so messages are only formatted for a
+        # finding, and running medians and counts are kept up to date instead of recomputed.
         found: list[Finding] = []
         t = self.thresholds
         step = values.step
 
-        def episode(
-            rule: str, tensor: str, fires: bool, message: str, kind: str = "gradients", holds: bool | None = None
-        ) -> None:
-            """`fires` starts an episode; it lasts while `holds` (default: `fires`) and ends
-            after `rearm_steps` logged steps in a row without it."""
+        def starts(rule: str, tensor: str, fires: bool, kind: str = "gradients", holds: bool | None = None) -> bool:
+            """Whether `fires` starts an episode, which then lasts while `holds` (default:
+            `fires`) and ends after `rearm_steps` logged steps in a row without it."""
             key = (rule, kind, tensor)
             if key not in self._active:
                 if fires:
-                    found.append(Finding(rule, tensor, step, message, kind))
                     self._active[key] = 0
-            elif fires or (fires if holds is None else holds):
+                return fires
+            if fires or (fires if holds is None else holds):
                 self._active[key] = 0
             else:
                 self._active[key] += 1
                 if self._active[key] >= t.rearm_steps:
                     del self._active[key]
+            return False
+
+        def report(rule: str, tensor: str, message: str, kind: str = "gradients") -> None:
+            found.append(Finding(rule, tensor, step, message, kind))
 
         def streak(rule: str, tensor: str, condition: bool) -> int:
             count = self._streaks.get((rule, tensor), 0) + 1 if condition else 0
@@ -134,10 +140,10 @@ class Monitor:
         ):
             for name, norm in norms.items():
                 count = counts.get(name, 0.0)
-                bad = count > 0 or not math.isfinite(norm)
-                what = "gradient" if kind == "gradients" else "weight"
-                detail = f"{int(count)} NaN/Inf values" if count > 0 else f"norm {norm}"
-                episode("nonfinite", name, bad, f"{what} of {name!r} holds NaN/Inf at step {step} ({detail})", kind)
+                if starts("nonfinite", name, count > 0 or not math.isfinite(norm), kind):
+                    what = "gradient" if kind == "gradients" else "weight"
+                    detail = f"{int(count)} NaN/Inf values" if count > 0 else f"norm {norm}"
+                    report("nonfinite", name, f"{what} of {name!r} holds NaN/Inf at step {step} ({detail})", kind)
 
         # exploding: against the tensor's own running median, before this step joins it
         norms = dict(values.grad_norms)
@@ -146,24 +152,22 @@ class Monitor:
         for name, norm in norms.items():
             if not math.isfinite(norm):
                 continue
-            history = self._history.setdefault(name, deque(maxlen=t.median_window))
-            median = statistics.median(history) if len(history) >= t.explode_warmup else None
+            history, ordered = self._history.setdefault(name, (deque(maxlen=t.median_window), []))
+            median = _median(ordered) if len(ordered) >= t.explode_warmup else None
             jump = median is not None and median > 0 and norm > t.explode_factor * median
             over = t.explode_bound is not None and norm > t.explode_bound
-            reason = (
-                f"{norm:.3g} is {norm / median:.0f}x its running median {median:.3g}"
-                if jump and median
-                else f"{norm:.3g} is above the bound {t.explode_bound}"
-            )
             elevated = median is not None and median > 0 and norm > 2 * median
-            episode(
-                "exploding",
-                name,
-                jump or over,
-                f"gradient norm of {name!r} exploded at step {step}: {reason}",
-                holds=elevated or over,
-            )
+            if starts("exploding", name, jump or over, holds=elevated or over):
+                reason = (
+                    f"{norm:.3g} is {norm / median:.0f}x its running median {median:.3g}"
+                    if jump and median
+                    else f"{norm:.3g} is above the bound {t.explode_bound}"
+                )
+                report("exploding", name, f"gradient norm of {name!r} exploded at step {step}: {reason}")
+            if len(history) == history.maxlen:
+                del ordered[bisect.bisect_left(ordered, history[0])]
             history.append(norm)
+            bisect.insort(ordered, norm)
 
         # vanishing: tiny relative to the weight, while a later tensor still learns
         ratios = [
@@ -171,62 +175,73 @@ class Monitor:
             for name, weight in values.weight_norms.items()
             if name in values.grad_norms and weight > 0 and math.isfinite(values.grad_norms[name])
         ]
-        for position, (name, ratio) in enumerate(ratios):
-            later_learn = any(r >= t.vanish_ratio for _, r in ratios[position + 1 :])
-            low = ratio < t.vanish_ratio and later_learn
-            count = streak("vanishing", name, low)
-            episode(
-                "vanishing",
-                name,
-                count >= t.vanish_steps,
-                f"gradient of {name!r} vanishing: ‖grad‖/‖weight‖ = {ratio:.2g} < {t.vanish_ratio:g} "
-                f"for {count} logged steps up to step {step}, while later layers still learn",
-                holds=ratio < t.vanish_ratio,
-            )
+        learns_after, later = [], False  # whether a tensor after each one learns, from the end
+        for _, ratio in reversed(ratios):
+            learns_after.append(later)
+            later = later or ratio >= t.vanish_ratio
+        for (name, ratio), later_learn in zip(ratios, reversed(learns_after)):
+            low = ratio < t.vanish_ratio
+            count = streak("vanishing", name, low and later_learn)
+            if starts("vanishing", name, count >= t.vanish_steps, holds=low):
+                report(
+                    "vanishing",
+                    name,
+                    f"gradient of {name!r} vanishing: ‖grad‖/‖weight‖ = {ratio:.2g} < {t.vanish_ratio:g} "
+                    f"for {count} logged steps up to step {step}, while later layers still learn",
+                )
 
         # dead: exactly zero
         for name, norm in values.grad_norms.items():
             count = streak("dead", name, norm == 0.0)
-            episode(
-                "dead",
-                name,
-                count >= t.dead_steps,
-                f"gradient of {name!r} is exactly 0 for {count} logged steps up to step {step}",
-            )
+            if starts("dead", name, count >= t.dead_steps):
+                report("dead", name, f"gradient of {name!r} is exactly 0 for {count} logged steps up to step {step}")
 
         # stalled: updates too small to change the weights
         for name, ratio in values.update_ratios.items():
             count = streak("stalled", name, math.isfinite(ratio) and ratio < t.stall_ratio)
-            episode(
-                "stalled",
-                name,
-                count >= t.stall_steps,
-                f"updates of {name!r} stalled: ‖Δw‖/‖w‖ = {ratio:.2g} < {t.stall_ratio:g} "
-                f"for {count} logged updates up to step {step}",
-                "parameters",
-            )
+            if starts("stalled", name, count >= t.stall_steps, "parameters"):
+                report(
+                    "stalled",
+                    name,
+                    f"updates of {name!r} stalled: ‖Δw‖/‖w‖ = {ratio:.2g} < {t.stall_ratio:g} "
+                    f"for {count} logged updates up to step {step}",
+                    "parameters",
+                )
 
         # diverging: steady growth of a weight norm
         for name, norm in values.weight_norms.items():
             if not math.isfinite(norm):
                 continue
             window = self._weights.setdefault(name, deque(maxlen=t.diverge_window + 1))
+            rises = self._rises.setdefault(name, deque(maxlen=t.diverge_window))
+            if window:
+                if len(rises) == rises.maxlen:
+                    self._rise_counts[name] -= rises[0]
+                rises.append(norm > window[-1])
+                self._rise_counts[name] = self._rise_counts.get(name, 0) + rises[-1]
             window.append(norm)
-            growing = False
-            if len(window) == window.maxlen and window[0] > 0:
-                rises = sum(b > a for a, b in zip(window, list(window)[1:]))
-                growing = window[-1] >= t.diverge_growth * window[0] and rises >= t.diverge_rising * t.diverge_window
-            episode(
-                "diverging",
-                name,
-                growing,
-                f"weight norm of {name!r} diverging: {window[0]:.3g} -> {norm:.3g} over the last "
-                f"{t.diverge_window} logged steps up to step {step}",
-                "parameters",
+            growing = (
+                len(window) == window.maxlen
+                and window[0] > 0
+                and window[-1] >= t.diverge_growth * window[0]
+                and self._rise_counts[name] >= t.diverge_rising * t.diverge_window
             )
+            if starts("diverging", name, growing, "parameters"):
+                report(
+                    "diverging",
+                    name,
+                    f"weight norm of {name!r} diverging: {window[0]:.3g} -> {norm:.3g} over the last "
+                    f"{t.diverge_window} logged steps up to step {step}",
+                    "parameters",
+                )
 
         self.findings += found
         return found
+
+
+def _median(ordered: list[float]) -> float:
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
 
 
 def evaluate(steps: Iterable[StepValues], thresholds: Thresholds | None = None) -> list[Finding]:

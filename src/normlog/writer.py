@@ -348,11 +348,17 @@ class Writer:
         values = [summary_pb2.Summary.Value(tag=_clean_tag(tag), simple_value=value) for tag, value in scalars]
         for tag, hist in histograms:
             limits, counts = _proto_buckets(hist)
-            # tensorboardX's own HistogramProto builder, as its add_histogram_raw uses
-            proto = tensorboardx.summary.histogram_raw(
-                tag, hist.min, hist.max, hist.num, hist.sum, hist.sum_squares, limits, counts
+            # the HistogramProto of tensorboardX's add_histogram_raw, without its wrapping Summary
+            proto = summary_pb2.HistogramProto(
+                min=hist.min,
+                max=hist.max,
+                num=hist.num,
+                sum=hist.sum,
+                sum_squares=hist.sum_squares,
+                bucket_limit=limits,
+                bucket=counts,
             )
-            values.extend(proto.value)
+            values.append(summary_pb2.Summary.Value(tag=_clean_tag(tag), histo=proto))
         self._emit(summary_pb2.Summary(value=values), name, step, walltime)
 
     def _event(self, summary: Any, step: int, walltime: float) -> Any:

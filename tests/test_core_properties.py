@@ -127,3 +127,22 @@ def test_non_real_input_is_the_only_thing_that_raises_and_it_is_a_type_error(val
     for function in (normlog.histogram, normlog.summarize, normlog.l2_norm):
         with pytest.raises(TypeError):
             function(values)
+
+
+@settings(deadline=None)
+@given(parts=st.lists(arrays(), min_size=1, max_size=6), bins=st.integers(1, 40))
+def test_histograms_from_many_rows_equal_the_histogram_of_each(parts, bins) -> None:
+    # adapters hand over one row per tensor and convert them all at once; the edges of the
+    # batch must be those the core gives each tensor alone, to the last bit
+    from normlog._core import _histograms_from_rows
+
+    def row(hist: normlog.Histogram) -> list[float]:
+        head = [hist.min, hist.max, hist.sum, hist.sum_squares, hist.num, hist.nan, hist.posinf, hist.neginf]
+        counts = hist.counts if hist.counts.size == bins else np.zeros(bins)  # constant: one bucket
+        return [*head, *counts]
+
+    alone = [normlog.histogram(part, bins) for part in parts]
+    batch = _histograms_from_rows(np.array([row(hist) for hist in alone]), bins)
+    for got, expected in zip(batch, alone):
+        np.testing.assert_array_equal(got.edges, expected.edges)
+        np.testing.assert_array_equal(got.counts, expected.counts)

@@ -373,3 +373,23 @@ def test_plot_on_bad_files_plots_the_readable_runs_and_names_the_rest(tmp_path, 
     assert (tmp_path / "plot.png").stat().st_size > 1000
     err = capsys.readouterr().err
     assert "cut-off record" in err and "CRC mismatch" in err and "not a TensorBoard event file" in err
+
+
+def test_background_work_runs_in_order_and_a_full_queue_holds_the_caller_back() -> None:
+    # README Guarantees: on a GPU, a logged step is written by a background thread, which
+    # never lets work pile up without bound
+    from normlog._watching import Background
+
+    background, done, gate = Background(depth=2), [], threading.Event()
+    background.submit(gate.wait)  # taken by the thread, which then waits on the gate
+    background.submit(lambda: done.append(1))
+    background.submit(lambda: done.append(2))  # the queue now holds two
+    third = threading.Thread(target=background.submit, args=(lambda: done.append(3),))
+    third.start()
+    third.join(timeout=0.5)
+    assert third.is_alive() and done == []  # held back until the thread takes more work
+    gate.set()
+    third.join(timeout=60)
+    background.wait()
+    assert done == [1, 2, 3]
+    background.stop()

@@ -17,6 +17,11 @@ from torch import nn  # noqa: E402
 
 import normlog  # noqa: E402
 
+# The device paths (histc instead of bincount, no host waits) run where a GPU is present;
+# CI has none, so the CUDA cases and tests run on the GPU machine (see the README).
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
 
 def make_model(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
@@ -63,14 +68,18 @@ def test_gradient_norms_equal_torch_and_global_norm_equals_get_total_norm(tmp_pa
         assert scalars(events, "gradients/global_norm")[step] == pytest.approx(expected["total"], rel=1e-6)
 
 
-def test_norms_of_large_tensors_agree_with_float64() -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_norms_of_large_tensors_agree_with_float64(device: str) -> None:
     from normlog.torch import _norms
 
     generator = torch.Generator().manual_seed(5)
     tensors = [torch.randn(2048, 1024, generator=generator), torch.rand(3_000_001, generator=generator) * 1e-3]
     tensors.append(torch.randn(1000, generator=generator).to(torch.bfloat16))
+    tensors.append(torch.randn(77, generator=generator, dtype=torch.float64))
     expected = [np.linalg.norm(t.double().numpy()) for t in tensors]
-    np.testing.assert_allclose(_norms(tensors).numpy(), expected, rtol=1e-5)
+    # dtypes interleaved, so the norms of each (device, dtype) group go back to their places
+    tensors = [tensors[i].to(device) for i in (2, 0, 3, 1)]
+    np.testing.assert_allclose(_norms(tensors).cpu().numpy(), [expected[i] for i in (2, 0, 3, 1)], rtol=1e-5)
 
 
 def test_update_ratio_is_the_relative_size_of_each_step(tmp_path) -> None:
@@ -117,8 +126,9 @@ def test_device_histograms_give_the_cores_numbers(tmp_path) -> None:
     assert [e.step for e in events.Histograms("parameters/0.weight")] == [0, 2]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "float64"])
-def test_device_histogram_row_matches_the_core_exactly(dtype: str) -> None:
+def test_device_histogram_row_matches_the_core_exactly(dtype: str, device: str) -> None:
     from normlog._core import _histogram_from_row
     from normlog.torch import _histogram_row
 
@@ -126,25 +136,29 @@ def test_device_histogram_row_matches_the_core_exactly(dtype: str) -> None:
     values[::97] = 0.0
     expected = normlog.histogram(values.double().numpy())
     for mask in (False, True):
-        assert_same_histogram(_histogram_from_row(_histogram_row(values, 30, mask).numpy(), 30), expected)
+        row = _histogram_row(values.to(device), 30, mask).cpu().numpy()
+        assert_same_histogram(_histogram_from_row(row, 30), expected)
 
 
 @pytest.mark.parametrize(
     "values",
     [[0.0, 5e-324, 1e-323, 2e-323], [-1e-309, 0.0, 3e-310], [-1.7e308, 0.0, 1e300, 1.7e308], [-1e300, 1.79e308]],
 )
-def test_device_histogram_of_float64_ranges_past_the_doubles_limits(values) -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_device_histogram_of_float64_ranges_past_the_doubles_limits(values, device: str) -> None:
     # ranges narrower than the smallest normal double, or wider than the largest: the
     # device scales by a power of two, as the core does
     from normlog._core import _histogram_from_row
     from normlog.torch import _histogram_row
 
-    tensor = torch.tensor(values, dtype=torch.float64)
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
     expected = normlog.histogram(np.array(values), 7)
-    assert_same_histogram(_histogram_from_row(_histogram_row(tensor, 7, mask_nonfinite=False).numpy(), 7), expected)
+    row = _histogram_row(tensor, 7, mask_nonfinite=False).cpu().numpy()
+    assert_same_histogram(_histogram_from_row(row, 7), expected)
 
 
-def test_device_histogram_of_nonfinite_constant_and_empty_tensors() -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_device_histogram_of_nonfinite_constant_and_empty_tensors(device: str) -> None:
     from normlog._core import _histogram_from_row
     from normlog.torch import _histogram_row
 
@@ -155,7 +169,7 @@ def test_device_histogram_of_nonfinite_constant_and_empty_tensors() -> None:
         torch.zeros(0),
     ]
     for values in cases:
-        got = _histogram_from_row(_histogram_row(values, 30, mask_nonfinite=True).numpy(), 30)
+        got = _histogram_from_row(_histogram_row(values.to(device), 30, mask_nonfinite=True).cpu().numpy(), 30)
         expected = normlog.histogram(values.numpy())
         assert_same_histogram(got, expected)
         assert (got.sum, got.sum_squares) == pytest.approx((expected.sum, expected.sum_squares), rel=1e-12)
@@ -362,3 +376,147 @@ def test_steps_gradscaler_skips_are_still_reported(tmp_path) -> None:
     assert scalars(events, "amp/skipped_step") == {2: 1.0}
     assert scalars(events, "gradients/0.bias/nonfinite") == {2: 1.0}
     assert scalars(events, "amp/loss_scale") == {0: 1024.0, 1: 1024.0, 2: 1024.0, 3: 512.0}
+
+
+@needs_cuda
+def test_a_model_spread_over_the_cpu_and_a_gpu(tmp_path) -> None:
+    # a hand-made pipeline split: the first layer on the CPU, the rest on the GPU
+    class Split(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.first = nn.Linear(6, 16)
+            self.rest = nn.Sequential(nn.Tanh(), nn.Linear(16, 1)).cuda()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.rest(self.first(x).cuda())
+
+    torch.manual_seed(0)
+    model = Split()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    with normlog.watch(model, str(tmp_path), optimizer=optimizer, histogram_every=1, strict=True):
+        seen = []
+        for step in range(2):
+            optimizer.zero_grad()
+            x, y = batch(step)
+            nn.functional.mse_loss(model(x), y.cuda()).backward()
+            seen.append({n: p.grad.clone() for n, p in model.named_parameters()})
+            optimizer.step()
+    events = read_events(str(tmp_path))
+    for step, grads in enumerate(seen):
+        total = torch.nn.utils.get_total_norm([g.cpu() for g in grads.values()]).item()
+        assert scalars(events, "gradients/global_norm")[step] == pytest.approx(total, rel=1e-6)
+        for name, grad in grads.items():
+            assert scalars(events, f"gradients/{name}/norm")[step] == pytest.approx(grad.norm().item(), rel=1e-6)
+            (event,) = [e for e in events.Histograms(f"gradients/{name}") if e.step == step]
+            core = normlog.histogram(grad.cpu().numpy())
+            assert (event.histogram_value.min, event.histogram_value.max) == (core.min, core.max)
+            assert event.histogram_value.num == core.num
+
+
+@needs_cuda
+def test_steps_not_logged_never_wait_for_the_gpu_and_logged_ones_wait_once(tmp_path) -> None:
+    # CUDA's sync debug mode reports each time the host waits for the device
+    model = make_model().cuda()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    data = [tuple(t.cuda() for t in batch(step)) for step in range(6)]
+    waits = []
+    with normlog.watch(model, str(tmp_path), optimizer=optimizer, every=3, histogram_every=3, strict=True):
+        for x, y in data:
+            optimizer.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    optimizer.step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            waits.append(sum("synchronizing" in str(w.message) for w in caught))
+    assert waits[1:3] == waits[4:] == [0, 0] and max(waits) <= 1
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_multi_tensor_rows_on_the_gpu_equal_the_per_tensor_rows(dtype: str) -> None:
+    # the Triton path (one launch for all tensors) against the torch path, which the tests
+    # above hold to the core; sizes around its block of 8192 elements, and the awkward cases
+    pytest.importorskip("triton")
+    from normlog import _triton
+    from normlog._core import _histogram_from_row
+    from normlog.torch import _histogram_row
+
+    generator = torch.Generator().manual_seed(11)
+    tensors = [torch.randn(n, generator=generator) * 3 for n in (1, 8191, 8192, 8193, 100_003)]
+    tensors += [torch.zeros(0), torch.full((5,), 0.25), torch.tensor([float("nan")] * 3)]
+    tensors.append(torch.tensor([1.0, float("nan"), -float("inf"), float("inf"), 2.0, -3.0, float("inf")]))
+    tensors.append(torch.randn(64, 64, generator=generator).t())  # not contiguous
+    tensors = [t.to(getattr(torch, dtype)).cuda() for t in tensors]
+    rows = _triton.stats_rows(tensors, 30).cpu().numpy()
+    for tensor, row in zip(tensors, rows):
+        expected = _histogram_row(tensor, 30, mask_nonfinite=True).cpu().numpy()
+        assert_same_histogram(_histogram_from_row(row, 30), _histogram_from_row(expected, 30))
+        np.testing.assert_allclose(row[2:4], expected[2:4], rtol=1e-12)
+        np.testing.assert_array_equal(row[4:8], expected[4:8])
+    norms = _triton.stats_rows(tensors, 0).cpu().numpy()  # without bins: the same sums and counts
+    np.testing.assert_allclose(norms[:, 2:4], rows[:, 2:4], rtol=1e-12)  # atomics add in any order
+    np.testing.assert_array_equal(norms[:, 4:], rows[:, 4:8])
+
+
+@needs_cuda
+def test_watching_a_gpu_model_gives_torchs_norms_and_the_cores_histograms(tmp_path) -> None:
+    model = make_model().cuda()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    seen = []
+    with normlog.watch(model, str(tmp_path), optimizer=optimizer, histogram_every=1, strict=True):
+        for step in range(3):
+            optimizer.zero_grad()
+            x, y = (t.cuda() for t in batch(step))
+            nn.functional.mse_loss(model(x), y).backward()
+            if step == 2:
+                model[2].weight.grad[0, :3] = float("nan")
+            seen.append({n: p.grad.clone() for n, p in model.named_parameters()})
+            optimizer.step()
+    # the last step is written when the watch ends, from the copy still in flight
+    events = read_events(str(tmp_path))
+    for step, grads in enumerate(seen):
+        total = torch.nn.utils.get_total_norm(list(grads.values())).item()
+        global_norm = scalars(events, "gradients/global_norm")[step]
+        assert math.isnan(global_norm) if step == 2 else global_norm == pytest.approx(total, rel=1e-6)
+        for name, grad in grads.items():
+            norm = scalars(events, f"gradients/{name}/norm")[step]
+            assert math.isnan(norm) if grad.isnan().any() else norm == pytest.approx(grad.norm().item(), rel=1e-6)
+            (event,) = [e for e in events.Histograms(f"gradients/{name}") if e.step == step]
+            core = normlog.histogram(grad.cpu().numpy())
+            value = event.histogram_value
+            assert (value.min, value.max, value.num) == (core.min, core.max, core.num)
+            filled = np.flatnonzero(core.counts)
+            np.testing.assert_array_equal(value.bucket, core.counts[filled[0] : filled[-1] + 1])
+    assert scalars(events, "gradients/2.weight/nonfinite") == {2: 3.0}
+
+
+@needs_cuda
+@pytest.mark.parametrize("strict", [False, True])
+def test_on_a_gpu_a_failure_in_the_background_writing_warns_once_or_raises_when_strict(tmp_path, strict) -> None:
+    model = make_model().cuda()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    watcher = normlog.watch(model, str(tmp_path), optimizer=optimizer, strict=strict)
+    watcher.writer.close()  # every write now fails, on the background thread
+
+    def steps() -> None:
+        for step in range(3):
+            optimizer.zero_grad()
+            x, y = (t.cuda() for t in batch(step))
+            nn.functional.mse_loss(model(x), y).backward()
+            optimizer.step()
+        watcher.unwatch()
+
+    if strict:  # raised on the training thread, at the next hook or at unwatch
+        with pytest.raises(ValueError, match="closed"):
+            steps()
+    else:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            steps()
+        messages = [str(w.message) for w in caught if "logging failed" in str(w.message)]
+        assert len(messages) == 1 and watcher.step == 3

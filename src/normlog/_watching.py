@@ -2,11 +2,15 @@
 never breaks training.
 
 Rules: standard library only. A failure inside logging warns once, naming its cause, and
-the adapter goes on with a default; with strict=True it raises instead.
+the adapter goes on with a default; with strict=True it raises instead. Work handed to
+`Background` runs in order on one thread and never makes training wait, unless it falls
+`depth` pieces behind.
 """
 
 from __future__ import annotations
 
+import queue
+import threading
 import warnings
 from typing import Callable, TypeVar
 
@@ -44,3 +48,41 @@ class Guard:
         if key not in self._warned:
             self._warned.add(key)
             warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+class Background:
+    """One daemon thread that runs the work given to `submit`, in order. At most `depth`
+    pieces wait; `submit` then blocks, so a training loop that outruns its logging slows
+    down rather than filling memory. The thread holds the queue alone, not the caller."""
+
+    def __init__(self, depth: int = 2) -> None:
+        self._queue: queue.Queue[Callable[[], object] | None] = queue.Queue(maxsize=depth)
+        self._thread: threading.Thread | None = None
+
+    def submit(self, work: Callable[[], object]) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=_serve, args=(self._queue,), name="normlog-writing", daemon=True)
+            self._thread.start()
+        self._queue.put(work)
+
+    def wait(self) -> None:
+        """Return once all submitted work is done."""
+        if self._thread is not None:
+            self._queue.join()
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+
+
+def _serve(work_queue: queue.Queue[Callable[[], object] | None]) -> None:
+    while True:
+        work = work_queue.get()
+        try:
+            if work is None:
+                return
+            work()  # the caller's work catches its own errors; see Watcher._write_later
+        finally:
+            work_queue.task_done()

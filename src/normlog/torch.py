@@ -9,6 +9,7 @@ failure inside logging warns once and training goes on, unless `strict=True`.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import math
 import os
@@ -17,12 +18,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from normlog._core import Histogram, _histogram_from_row
-from normlog._watching import Guard, check_options
+from normlog._core import Histogram, _histograms_from_rows
+from normlog._watching import Background, Guard, check_options
 from normlog.health import Finding, Monitor, StepValues, Thresholds, announce
 from normlog.writer import Writer
 
@@ -42,7 +44,7 @@ def _norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
     for i, tensor in enumerate(tensors):
         groups.setdefault((tensor.device, tensor.dtype), []).append(i)
-    out = torch.empty(len(tensors), dtype=torch.float64, device=tensors[0].device)
+    out: dict[int, torch.Tensor] = {}
     for (device, dtype), indices in groups.items():
         dense = [tensors[i] for i in indices]
         if device.type == "cpu" and dtype in (torch.float32, torch.float64):
@@ -54,8 +56,10 @@ def _norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
             norms = list(torch._foreach_norm(dense, 2))  # the dtype= path is slower for these
         else:  # accumulate float16 and bfloat16 in float32, as p.grad.float().norm() does
             norms = list(torch._foreach_norm(dense, 2, dtype=torch.float32))
-        out[torch.tensor(indices, device=out.device)] = torch.stack(norms).to(out.device, torch.float64)
-    return out
+        out.update(zip(indices, torch.stack(norms).to(tensors[0].device, torch.float64)))
+    # Put in the tensors' order without an index tensor, whose copy to an accelerator would
+    # make the host wait for it; each other device's norms cross once.
+    return torch.stack([out[i] for i in range(len(tensors))])
 
 
 _TINY = float(torch.finfo(torch.float64).tiny)
@@ -87,27 +91,34 @@ def _histogram_row(
         lo, hi = (bound.to(torch.float64) for bound in torch.aminmax(flat))  # exact in any float dtype
     else:
         lo, hi = span.to(values.device).unbind()
-    stats = torch.stack([lo, hi, values.sum(), values.dot(values), values.new_tensor(float(size))])
+    # No tensor is made from host numbers here (torch.full, not new_tensor): on an
+    # accelerator, that copy would make the host wait for the device.
+    stats = torch.stack([lo, hi, values.sum(), values.dot(values), torch.full_like(lo, float(size))])
     if tensor.dtype == torch.float64:
         # Only float64 ranges can overflow (past the largest double) or give a width below
         # the smallest normal one: scale by a power of two, exactly, as the core does.
         extent = hi - lo
-        half, up, one = (extent.new_tensor(v) for v in (0.5, 2.0**600, 1.0))
+        half, up, one = (torch.full_like(extent, v) for v in (0.5, 2.0**600, 1.0))
         scale = torch.where(torch.isinf(extent), half, torch.where(extent / bins < _TINY, up, one))
         values.mul_(scale)
         lo, hi = lo * scale, hi * scale
     width = torch.where(hi > lo, (hi - lo) / bins, torch.ones_like(lo))
-    # x - min >= 0, so the conversion's truncation is the floor. The clamp also keeps NaN and
-    # Inf, which become arbitrary integers, inside bincount's range until the norms reveal
-    # them and the masked pass redoes the row.
-    index = values.sub_(lo).div_(width).to(torch.int32).clamp_(0, bins - 1)
-    counts = torch.bincount(index, minlength=bins).to(torch.float64)
+    values.sub_(lo).div_(width)
+    if values.device.type == "cpu":
+        # x - min >= 0, so the conversion's truncation is the floor. The clamp also keeps NaN
+        # and Inf, which become arbitrary integers, inside bincount's range until the norms
+        # reveal them and the masked pass redoes the row.
+        counts = torch.bincount(values.to(torch.int32).clamp_(0, bins - 1), minlength=bins).to(torch.float64)
+    else:
+        # bincount on an accelerator reads its input's max back to the host; histc over
+        # whole bucket numbers with a fixed range counts the same without waiting.
+        counts = torch.histc(values.floor_().clamp_(0, bins - 1), bins, min=0, max=bins)
     return torch.cat([stats, torch.stack(counts_nonfinite).to(values), counts])
 
 
 def _dense(tensor: torch.Tensor) -> torch.Tensor:
     if tensor.layout == torch.strided:
-        return tensor.detach()
+        return tensor
     return tensor.detach().coalesce().to_dense()  # sparse gradients of nn.Embedding(sparse=True)
 
 
@@ -208,6 +219,28 @@ def _negated_bounds(tensor: torch.Tensor, finite_only: bool) -> torch.Tensor:
     return torch.stack([-lo.to(torch.float64), hi.to(torch.float64)])
 
 
+@functools.cache
+def _triton() -> Any:
+    """normlog._triton where Triton and a CUDA device are there, else None."""
+    if not torch.cuda.is_available():
+        return None
+    try:
+        from normlog import _triton as module
+    except ImportError:
+        return None
+    return module
+
+
+def _multi_tensor_rows(tensors: list[torch.Tensor], bins: int) -> tuple[list[torch.Tensor], list[int]]:
+    """Stats rows of every tensor, one pair of Triton launches per (device, dtype); the
+    rows come grouped, and `order` lists the tensor each row belongs to."""
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, tensor in enumerate(tensors):
+        groups.setdefault((tensor.device, tensor.dtype), []).append(i)
+    pieces = [_triton().stats_rows([tensors[i] for i in members], bins) for members in groups.values()]
+    return pieces, [i for members in groups.values() for i in members]
+
+
 @dataclass
 class _Pending:
     """A logged step's reductions, started on the device and not yet read."""
@@ -222,6 +255,11 @@ class _Pending:
     updated: list[tuple[str, nn.Parameter]]
     before: list[torch.Tensor] | None = None
     update_norms: torch.Tensor | None = None
+    # rows: pieces hold one stats row per tensor ([..., sum_squares, finite, nan, posinf,
+    # neginf, counts...], NaN/Inf already counted), in the tensors' order after `order`.
+    # Norms come from the rows and nothing is recounted, so the device tensors can go.
+    rows: bool = False
+    order: list[int] | None = None
 
 
 class Watcher:
@@ -269,6 +307,20 @@ class Watcher:
             )
         self._backward_queued = False
         self._pending: _Pending | None = None
+        self._background = Background()
+        self._failure: Exception | None = None  # from the background, raised on the training thread
+        # at exit, steps still being written are finished before the writer's own exit hook
+        # closes it (atexit runs the last registered first); a weak reference keeps the
+        # watcher, and so the model, collectable
+        reference = weakref.ref(self)
+
+        def at_exit() -> None:
+            watcher = reference()
+            if watcher is not None:
+                watcher._guard.safely(watcher._wait_for_writing)
+
+        self._at_exit = at_exit
+        atexit.register(at_exit)
         self._has_optimizer = optimizer is not None
         self._stepped = False
         self._restore: list[Callable[[], None]] = []
@@ -319,6 +371,7 @@ class Watcher:
 
     def _after_backward(self) -> None:
         self._backward_queued = False
+        self._guard.safely(self._raise_failure)
         try:
             self._guard.safely(self._log_backward, where=f" at step {self.step}")
         finally:
@@ -331,6 +384,7 @@ class Watcher:
 
     def _before_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         self._pending = None
+        self._guard.safely(self._raise_failure)
         self._guard.safely(self._start_optimizer_step, where=f" at step {self.step}")
 
     def _start_optimizer_step(self) -> None:
@@ -396,7 +450,13 @@ class Watcher:
     # -- what a logged step records ----------------------------------------------------
 
     def _reduce(self) -> _Pending | None:
-        """Start the reductions of a logged step on the device; nothing waits for them yet."""
+        """Start the reductions of a logged step on the device; nothing waits for them yet.
+        It runs on the training thread for hundreds of tensors, so it makes no tensor
+        objects per tensor (no detach, no views): autograd is off instead."""
+        with torch.no_grad():
+            return self._reduce_without_grad()
+
+    def _reduce_without_grad(self) -> _Pending | None:
         logged, histograms = self._logged()
         activations, self._activations = self._activations, []
         if not logged:
@@ -408,29 +468,82 @@ class Watcher:
             groups.append(("gradients", [n for n, _ in with_grad], grads))
         if self._log_parameters:
             params = with_grad if self._has_optimizer else self._params
-            groups.append(("parameters", [n for n, _ in params], [p.detach() for _, p in params]))
+            groups.append(("parameters", [n for n, _ in params], [p for _, p in params]))
         if activations:
             groups.append(("activations", [n for n, _ in activations], [a for _, a in activations]))
         if self.writer is None and not self._sharded:
             return None  # a rank that does not write, with nothing to add to the ranks that do
-        local = [_local(t) for _, _, ts in groups for t in ts]
-        if not local:
+        tensors = [t for _, _, ts in groups for t in ts]
+        if not tensors:
             return None
-        tensors, shards = [t for t, _ in local], [g for _, g in local]
+        shards: list[tuple[Any, ...]] = [()] * len(tensors)
+        if self._sharded:
+            tensors, shards = (list(column) for column in zip(*map(_local, tensors)))
+        if not any(shards) and _triton() is not None and all(_triton().supports(t) for t in tensors):
+            pieces, order = _multi_tensor_rows(tensors, self._bins if histograms else 0)
+            return _Pending(self.step, groups, tensors, shards, pieces, histograms, with_grad, rows=True, order=order)
         pieces = [_full_norms(tensors, shards)]
         if histograms:
             pieces += _full_rows(tensors, shards, self._bins, mask_nonfinite=False)
         return _Pending(self.step, groups, tensors, shards, pieces, histograms, with_grad)
 
     def _finish(self, pending: _Pending) -> None:
-        """The one device-to-host transfer of a logged step, then the writing."""
+        """The one device-to-host transfer of a logged step, then the writing. When nothing
+        can need a recount (the rows of the Triton path) on a GPU, the copy goes to pinned
+        memory without waiting, and a background thread waits for it and writes, while
+        training goes on; `unwatch`, `findings` and exit wait for that thread."""
         pieces = pending.pieces if pending.update_norms is None else [*pending.pieces, pending.update_norms]
-        device = pending.tensors[0].device
-        host = torch.cat([piece.to(device) for piece in pieces]).cpu().numpy()
-        count, width = len(pending.tensors), 8 + self._bins
-        norms = host[:count]
-        rows = [host[count + i * width : count + (i + 1) * width] for i in range(count)] if pending.histograms else []
-        update_norms = host[count + len(rows) * width :]
+        device = pieces[0].device
+        joined = torch.cat([piece.reshape(-1).to(device) for piece in pieces])
+        if pending.rows and joined.is_cuda:
+            host = torch.empty(joined.shape, dtype=joined.dtype, pin_memory=True)
+            host.copy_(joined, non_blocking=True)
+            event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            event.record()
+            # the device tensors are not needed again: let them go now
+            pending.groups = [(kind, names, []) for kind, names, _ in pending.groups]
+            pending.tensors, pending.pieces, pending.before, pending.update_norms = [], [], None, None
+            self._background.submit(functools.partial(self._write_later, pending, host, event))
+        else:
+            self._write(pending, joined.cpu().numpy())
+
+    def _write_later(self, pending: _Pending, host: torch.Tensor, event: torch.cuda.Event) -> None:
+        """On the background thread: wait for the copy, then write (see `_finish`)."""
+        try:
+            event.synchronize()
+            self._guard.safely(lambda: self._write(pending, host.numpy()), where=f" at step {pending.step}")
+        except Exception as error:  # strict: raised on the training thread, at its next hook
+            self._failure = error
+
+    def _raise_failure(self) -> None:
+        failure, self._failure = self._failure, None
+        if failure is not None:
+            raise failure
+
+    def _wait_for_writing(self) -> None:
+        self._background.wait()
+        self._raise_failure()
+
+    def _write(self, pending: _Pending, host: np.ndarray) -> None:
+        count = sum(len(names) for _, names, _ in pending.groups)
+        counted: np.ndarray | None = None  # NaN/Inf counts, when the rows carry them
+        if pending.rows:
+            width = 8 + (self._bins if pending.histograms else 0)
+            table = np.empty((count, width))
+            table[pending.order] = host[: count * width].reshape(count, width)
+            counted = table[:, 5:8].sum(axis=1)
+            infinite = table[:, 6] + table[:, 7]
+            with np.errstate(invalid="ignore"):  # as torch's norm: NaN if any NaN, else Inf if any Inf
+                norms = np.where(table[:, 5] > 0, np.nan, np.where(infinite > 0, np.inf, np.sqrt(table[:, 3])))
+            rows = list(table) if pending.histograms else []
+            update_norms = host[count * width :]
+        else:
+            width = 8 + self._bins
+            norms = host[:count]
+            rows = (
+                [host[count + i * width : count + (i + 1) * width] for i in range(count)] if pending.histograms else []
+            )
+            update_norms = host[count + len(rows) * width :]
         step = pending.step
         scalars: list[tuple[str, float]] = []
         histograms: list[tuple[str, Histogram]] = []
@@ -452,9 +565,12 @@ class Watcher:
                     # Rare: NaN/Inf present (or a float32 overflow). Count them on the device.
                     # With an optimizer this runs after its update: a weight's count includes
                     # what a NaN gradient spread in that update (its norm is from before).
-                    shard = [pending.tensors[index]], [pending.shards[index]]
-                    row = _full_rows(*shard, self._bins, mask_nonfinite=True)[0].cpu().numpy()
-                    nonfinite = int(row[5:8].sum())
+                    if counted is not None:
+                        nonfinite, row = int(counted[index]), rows[index] if rows else None
+                    else:
+                        shard = [pending.tensors[index]], [pending.shards[index]]
+                        row = _full_rows(*shard, self._bins, mask_nonfinite=True)[0].cpu().numpy()
+                        nonfinite = int(row[5:8].sum())
                     if nonfinite:
                         scalars.append((f"{kind}/{name}/nonfinite", nonfinite))
                         counts = values.grad_nonfinite if kind == "gradients" else values.weight_nonfinite
@@ -464,15 +580,16 @@ class Watcher:
                                 f"nonfinite:{kind}/{name}",
                                 f"normlog: {nonfinite} NaN/Inf values in the {kind} of {name!r} at step {step}",
                             )
-                    if rows:
+                    if rows and row is not None:
                         rows[index] = row
-                if rows:
-                    histograms.append((f"{kind}/{name}", _histogram_from_row(rows[index], self._bins)))
                 index += 1
             if kind == "gradients":
                 scalars.append(("gradients/global_norm", math.sqrt(squares)))
                 values.global_norm = math.sqrt(squares)
-        if pending.update_norms is not None:
+        if rows:  # in the tensors' order, as the loop above went
+            tags = [f"{kind}/{name}" for kind, names, _ in pending.groups for name in names]
+            histograms = list(zip(tags, _histograms_from_rows(np.stack(rows), self._bins)))
+        if update_norms.size:
             for (name, _), update in zip(pending.updated, update_norms):
                 weight = parameter_norms.get(name, math.nan)
                 ratio = float(update) / weight if weight else math.inf
@@ -487,23 +604,29 @@ class Watcher:
     @property
     def findings(self) -> list[Finding]:
         """Every training-health finding so far (see `normlog.health`)."""
+        self._guard.safely(self._wait_for_writing)
         return [] if self._monitor is None else list(self._monitor.findings)
 
     # -- errors and life cycle -----------------------------------------------------------
 
     def unwatch(self) -> None:
-        """Remove every hook; close the writer if `watch` made it."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        for restore in self._restore:
-            restore()
-        self._restore.clear()
-        model = self._model()
-        if model is not None and _WATCHERS.get(model) is self:
-            del _WATCHERS[model]
-        if self._owns_writer and self.writer is not None:
-            self.writer.close()
+        """Write the step still in flight, remove every hook; close the writer if `watch` made it."""
+        atexit.unregister(self._at_exit)
+        try:
+            self._guard.safely(self._wait_for_writing)  # with strict, raises after the clean-up below
+        finally:
+            self._background.stop()
+            for handle in self._handles:
+                handle.remove()
+            self._handles.clear()
+            for restore in self._restore:
+                restore()
+            self._restore.clear()
+            model = self._model()
+            if model is not None and _WATCHERS.get(model) is self:
+                del _WATCHERS[model]
+            if self._owns_writer and self.writer is not None:
+                self.writer.close()
 
     def __enter__(self) -> Watcher:
         return self

@@ -6,7 +6,7 @@ Prints median step times and ratios to plain training; an unwatched second copy 
 plain model shows how far two identical runs differ on this machine.
 
     python benchmarks/bench_torch.py             # CPU config: ~7.4M-parameter LM, 53 tensors
-    python benchmarks/bench_torch.py --gpu       # GPT-2-sized LM, bf16 autocast, fused AdamW
+    python benchmarks/bench_torch.py --gpu --rounds 10 --tutorial-steps 1   # GPT-2-sized LM, bf16 autocast, fused AdamW
 """
 
 from __future__ import annotations
@@ -79,6 +79,12 @@ def main() -> None:
     parser.add_argument("--gpu", action="store_true")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per mode per round")
+    parser.add_argument(
+        "--tutorial-steps",
+        type=int,
+        help="timed steps per round of the tutorial loop (default: --steps); "
+        "at over 100x plain on a GPU, a few samples place it",
+    )
     args = parser.parse_args()
     sync = torch.cuda.synchronize if args.gpu else (lambda: None)
     root = tempfile.mkdtemp(prefix="normlog-bench-")
@@ -112,7 +118,7 @@ def main() -> None:
     for round_ in range(args.rounds + 1):  # round 0 warms up
         order = list(modes.items())  # each round starts at another mode: no mode always goes first
         for mode, (model, optimizer, tokens, extra) in order[round_ % len(order) :] + order[: round_ % len(order)]:
-            for _ in range(args.steps):
+            for _ in range(args.tutorial_steps or args.steps if mode == "tutorial loop" else args.steps):
                 sync()
                 start = time.perf_counter()
                 step(model, optimizer, tokens, args.gpu)
@@ -126,7 +132,8 @@ def main() -> None:
     tensors = len(list(modes["plain"][0].parameters()))
     device = torch.cuda.get_device_name() if args.gpu else f"CPU, {torch.get_num_threads()} threads"
     print(f"{'GPU' if args.gpu else 'CPU'} config: {parameters / 1e6:.1f}M parameters in {tensors} tensors; {device}")
-    print(f"median of {args.rounds * args.steps} steps per mode, interleaved over {args.rounds} rounds\n")
+    print(f"median of {args.rounds * args.steps} steps per mode, interleaved over {args.rounds} rounds", end="")
+    print(f" ({args.rounds * args.tutorial_steps} for the tutorial loop)\n" if args.tutorial_steps else "\n")
     plain = statistics.median(times["plain"])
     print("| mode | step (ms) | vs plain |\n| --- | ---: | ---: |")
     for mode, samples in times.items():
@@ -142,6 +149,7 @@ def main() -> None:
             sync()
             start = time.perf_counter()
             watcher._finish(watcher._reduce())  # type: ignore[arg-type]
+            watcher._wait_for_writing()  # on a GPU, the writing runs on a background thread
             sync()
             samples.append(time.perf_counter() - start)
         median = statistics.median(samples)

@@ -384,7 +384,8 @@ def _histograms_from_rows(rows: np.ndarray, bins: int) -> list[Histogram]:
     with np.errstate(over="ignore", invalid="ignore"):
         extent = hi - lo
         ordinary = (finite > 0) & (hi > lo) & np.isfinite(extent) & (extent / bins >= np.finfo(np.float64).tiny)
-    edges = iter(np.linspace(lo[ordinary], hi[ordinary], bins + 1, axis=1))
+    with np.errstate(over="ignore"):  # linspace's intermediate near DBL_MAX, as in _equal_width_rule
+        edges = iter(np.linspace(lo[ordinary], hi[ordinary], bins + 1, axis=1))
     histograms = []
     for row, regular in zip(rows, ordinary):
         low, high, total, sum_squares, count, nan, posinf, neginf = (float(v) for v in row[:8])

@@ -1,8 +1,10 @@
 """Where a CPU histogram's time goes: each pass of the exact row, and the alternatives tried.
 
 Times, on the gradients and weights of bench_torch.py's CPU model after one step (14.8M
-elements in 106 tensors), each pass that `normlog.torch._histogram_row` makes, the whole
-row, and the other ways to count that were measured and rejected. Prints nanoseconds per
+elements in 106 tensors), each pass that `normlog.torch._histogram_row` makes in torch
+ops, the whole row in torch ops and compiled (normlog._numba, with numba installed), and
+the other ways to count that were measured and rejected. With --gpu, the GPU model, and
+the Triton launches of normlog._triton. Prints nanoseconds per
 element (the median of `--repeat` runs over all tensors).
 
     python benchmarks/histogram_passes.py          # CPU config of bench_torch.py
@@ -23,7 +25,18 @@ import torch
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from bench_torch import make, step
 
+import normlog.torch
 from normlog.torch import _histogram_row
+
+
+def torch_row(tensor: torch.Tensor, bins: int, mask_nonfinite: bool) -> torch.Tensor:
+    """_histogram_row without the compiled CPU kernel: the torch ops alone."""
+    compiled, normlog.torch._numba = normlog.torch._numba, lambda: None  # type: ignore[method-assign]
+    try:
+        return _histogram_row(tensor, bins, mask_nonfinite)
+    finally:
+        normlog.torch._numba = compiled  # type: ignore[method-assign]
+
 
 BINS = 30
 
@@ -70,8 +83,8 @@ def main() -> None:
         "int32 index and clamp": each(lambda k: wide[k].to(torch.int32).clamp_(0, BINS - 1)),
         "bincount (serial)": each(lambda k: torch.bincount(index[k], minlength=BINS)),
         "histc over whole bucket numbers (float64)": each(lambda k: torch.histc(buckets[k], BINS, min=0, max=BINS)),
-        "the whole exact row, per tensor (_histogram_row)": each(
-            lambda k: _histogram_row(tensors[k], BINS, mask_nonfinite=False)
+        "the whole exact row, per tensor, in torch ops": each(
+            lambda k: torch_row(tensors[k], BINS, mask_nonfinite=False)
         ),
         "rejected: bincount in 2 threads": each(lambda k: halves(index[k])),
         "rejected: torch.bucketize on float32": each(lambda k: torch.bucketize(tensors[k], edges[k], out_int32=True)),
@@ -79,6 +92,10 @@ def main() -> None:
             lambda k: torch.histogram(tensors[k], BINS, range=(float(bounds[k][0]), float(bounds[k][1])))
         ),
     }
+    if not args.gpu and normlog.torch._numba() is not None:
+        passes["the whole exact row, per tensor, compiled (normlog._numba)"] = each(
+            lambda k: _histogram_row(tensors[k], BINS, mask_nonfinite=False)
+        )
     if args.gpu:
         from normlog import _triton
 

@@ -23,6 +23,19 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
+@pytest.fixture(params=["compiled", "torch"])
+def cpu_engine(request, monkeypatch) -> str:
+    """Run a test with the CPU rows from normlog._numba (where numba is), then without."""
+    import normlog.torch
+
+    if request.param == "compiled":
+        if normlog.torch._numba() is None:
+            pytest.skip("numba is not installed")
+    else:
+        monkeypatch.setattr(normlog.torch, "_numba", lambda: None)
+    return str(request.param)
+
+
 def make_model(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 1))
@@ -128,7 +141,7 @@ def test_device_histograms_give_the_cores_numbers(tmp_path) -> None:
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "float64"])
-def test_device_histogram_row_matches_the_core_exactly(dtype: str, device: str) -> None:
+def test_device_histogram_row_matches_the_core_exactly(dtype: str, device: str, cpu_engine: str) -> None:
     from normlog._core import _histogram_from_row
     from normlog.torch import _histogram_row
 
@@ -145,7 +158,7 @@ def test_device_histogram_row_matches_the_core_exactly(dtype: str, device: str) 
     [[0.0, 5e-324, 1e-323, 2e-323], [-1e-309, 0.0, 3e-310], [-1.7e308, 0.0, 1e300, 1.7e308], [-1e300, 1.79e308]],
 )
 @pytest.mark.parametrize("device", DEVICES)
-def test_device_histogram_of_float64_ranges_past_the_doubles_limits(values, device: str) -> None:
+def test_device_histogram_of_float64_ranges_past_the_doubles_limits(values, device: str, cpu_engine: str) -> None:
     # ranges narrower than the smallest normal double, or wider than the largest: the
     # device scales by a power of two, as the core does
     from normlog._core import _histogram_from_row
@@ -158,7 +171,7 @@ def test_device_histogram_of_float64_ranges_past_the_doubles_limits(values, devi
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_device_histogram_of_nonfinite_constant_and_empty_tensors(device: str) -> None:
+def test_device_histogram_of_nonfinite_constant_and_empty_tensors(device: str, cpu_engine: str) -> None:
     from normlog._core import _histogram_from_row
     from normlog.torch import _histogram_row
 

@@ -72,7 +72,14 @@ def _histogram_row(
     float64 on its device, bucketed as `normlog.histogram(values, bins)` does: floor((x - min)
     / width) in float64, clamped to the last bucket, worked in place on one float64 copy.
     `span` ([min, max] in float64) bins a shard with the whole tensor's rule; every field
-    but min and max is then a sum over the shards."""
+    but min and max is then a sum over the shards. On the CPU, with numba, the row comes
+    from `normlog._numba` instead: the same numbers, in two passes over the memory, with
+    NaN and Inf always counted (as `mask_nonfinite` asks)."""
+    if span is None and _compiled_on_cpu(tensor) and _numba() is not None:
+        flat = tensor.detach().reshape(-1)
+        if flat.dtype not in (torch.float32, torch.float64):
+            flat = flat.float()  # float16 and bfloat16: exact in float32
+        return torch.from_numpy(_numba().row(flat.numpy(), bins))
     flat = tensor.detach().reshape(-1)
     values = flat.to(torch.float64)  # a copy (for float64 input too, made below): worked on in place
     counts_nonfinite = [values.new_zeros(())] * 3
@@ -217,6 +224,21 @@ def _negated_bounds(tensor: torch.Tensor, finite_only: bool) -> torch.Tensor:
         return torch.full((2,), -math.inf, dtype=torch.float64, device=tensor.device)
     lo, hi = torch.aminmax(flat)
     return torch.stack([-lo.to(torch.float64), hi.to(torch.float64)])
+
+
+def _compiled_on_cpu(tensor: torch.Tensor) -> bool:
+    """Whether `_histogram_row` takes the compiled CPU path for this tensor."""
+    return tensor.device.type == "cpu" and tensor.layout == torch.strided
+
+
+@functools.cache
+def _numba() -> Any:
+    """normlog._numba where numba is installed (normlog[torch] brings it), else None."""
+    try:
+        from normlog import _numba as module
+    except ImportError:
+        return None
+    return module
 
 
 @functools.cache
@@ -482,6 +504,12 @@ class Watcher:
         if not any(shards) and _triton() is not None and all(_triton().supports(t) for t in tensors):
             pieces, order = _multi_tensor_rows(tensors, self._bins if histograms else 0)
             return _Pending(self.step, groups, tensors, shards, pieces, histograms, with_grad, rows=True, order=order)
+        if histograms and not any(shards) and _numba() is not None and all(_compiled_on_cpu(t) for t in tensors):
+            # the compiled rows count NaN/Inf and hold each sum of squares in float64:
+            # the norms come from them, without a pass of their own
+            rows = torch.stack([_histogram_row(t, self._bins, mask_nonfinite=True) for t in tensors])
+            order = list(range(len(tensors)))
+            return _Pending(self.step, groups, tensors, shards, [rows], True, with_grad, rows=True, order=order)
         pieces = [_full_norms(tensors, shards)]
         if histograms:
             pieces += _full_rows(tensors, shards, self._bins, mask_nonfinite=False)

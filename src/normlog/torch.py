@@ -1,10 +1,12 @@
 """PyTorch adapter: `watch(model)` logs per-parameter gradient and weight norms and histograms.
 
-Rules: statistics are reduced where the tensors live (batched foreach norms; histograms
-counted on the device with the core's bucket rule in float64) and cross to the host as one
-small tensor per logged step; steps that are not logged never wait for the device. The
-numbers are the core's: edges come from `normlog._core`, and tests compare the two. A
-failure inside logging warns once and training goes on, unless `strict=True`.
+Rules: statistics are reduced where the tensors live and cross to the host as one small
+tensor per logged step; steps that are not logged never wait for the device. On a CUDA
+GPU, every tensor is read by two Triton launches (normlog._triton), and the result is
+written by a background thread, so logged steps do not wait either; on the CPU, histogram
+rows come from a compiled kernel (normlog._numba) where numba is installed; elsewhere,
+torch ops. Every path bins with the core's rule in float64, and tests compare each with
+the core. A failure inside logging warns once and training goes on, unless `strict=True`.
 """
 
 from __future__ import annotations
@@ -690,7 +692,9 @@ def watch(
     copy of the weights). With `scaler` (a `torch.amp.GradScaler`) too, the steps the scaler
     skips for Inf/NaN are still logged, with `amp/skipped_step`, and `amp/loss_scale` is
     logged every `every` steps. Without an optimizer, a step is one backward pass.
-    Watching a model again replaces its hooks. With `health` (on by default; or pass
+    Watching a model again replaces its hooks. On a CUDA GPU, each logged step is written
+    by a background thread while training goes on; `unwatch()`, `findings` and interpreter
+    exit wait for it. With `health` (on by default; or pass
     `normlog.health.Thresholds`), the rules of `normlog.health` run on every logged step and
     report findings as HealthWarnings (or `logging` records with `health_via="logging"`) and
     under `health/` in TensorBoard.

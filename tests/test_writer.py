@@ -309,3 +309,34 @@ def test_importing_normlog_and_logging_numpy_imports_no_framework(tmp_path) -> N
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]", result.stdout + result.stderr
+
+
+def test_the_hand_encoded_event_parses_to_the_protobuf_one() -> None:
+    # Writer._summary encodes events field by field; protobuf must read back exactly what
+    # tensorboardX's own objects would have held
+    from tensorboardX.proto import event_pb2, summary_pb2
+
+    from normlog.writer import _encode_event, _encode_summary, _proto_buckets
+
+    hists = [normlog.histogram(np.array([1.0, 2.0, 2.5, np.nan, np.inf]), 5), normlog.histogram(np.zeros(0), 3)]
+    scalars = [("loss", 0.25), ("grad/ü tag", float("nan")), ("big", 1e39), ("count", 7)]
+    for step in (0, 3, -2, 2**62):
+        encoded = _encode_event(1700000000.5, step, _encode_summary(scalars, [("w/a", hists[0]), ("w b", hists[1])]))
+        values = [summary_pb2.Summary.Value(tag=_clean(tag), simple_value=value) for tag, value in scalars]
+        for tag, hist in (("w/a", hists[0]), ("w b", hists[1])):
+            limits, counts = _proto_buckets(hist)
+            proto = summary_pb2.HistogramProto(
+                min=hist.min, max=hist.max, num=hist.num, sum=hist.sum, sum_squares=hist.sum_squares,
+                bucket_limit=limits.tolist(), bucket=counts.tolist(),
+            )  # fmt: skip
+            values.append(summary_pb2.Summary.Value(tag=_clean(tag), histo=proto))
+        expected = event_pb2.Event(wall_time=1700000000.5, step=step, summary=summary_pb2.Summary(value=values))
+        got = event_pb2.Event.FromString(encoded)
+        # NaN != NaN in protobuf's equality: compare the canonical bytes instead
+        assert got.SerializeToString(deterministic=True) == expected.SerializeToString(deterministic=True)
+
+
+def _clean(tag: str) -> str:
+    from tensorboardX.summary import _clean_tag
+
+    return str(_clean_tag(tag))

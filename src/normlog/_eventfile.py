@@ -101,8 +101,8 @@ class EventFile:
     # -- the caller's side ---------------------------------------------------------
 
     def add(self, event: Any) -> None:
-        """Queue one `Event` proto; returns at once."""
-        record = _record(event.SerializeToString())
+        """Queue one `Event` proto, or its encoding as bytes; returns at once."""
+        record = _record(event if isinstance(event, bytes) else event.SerializeToString())
         with self._cond:
             if self._closing:
                 raise ValueError(f"normlog: event file {self.path!r} is closed")

@@ -204,15 +204,13 @@ class Writer:
             for key, v in tag_scalar_dict.items()
         }
         number, seconds = _step(main_tag, step), _walltime(main_tag, walltime)
-        summary_pb2 = _tensorboardx().proto.summary_pb2
         with self._lock:
             self._open()
             for key, value in scalars.items():
                 run = os.path.join(self.logdir, main_tag, key)
                 if run not in self._scalar_files:
                     self._scalar_files[run] = self._open_file(run)
-                scalar = summary_pb2.Summary.Value(tag=_clean_tag(main_tag), simple_value=value)
-                self._scalar_files[run].add(self._event(summary_pb2.Summary(value=[scalar]), number, seconds))
+                self._scalar_files[run].add(_encode_event(seconds, number, _encode_summary([(main_tag, value)], [])))
 
     def add_norm(self, tag: str, values: Any, step: int | None = None, walltime: float | None = None) -> float:
         """The L2 norm of `values` as a scalar; returns it."""
@@ -346,17 +344,13 @@ class Writer:
         scalars, histograms = list(scalars), list(histograms)
         if name is None:  # the tag that errors name
             name = scalars[0][0] if scalars else histograms[0][0] if histograms else ""
-        summary = _encode_summary(scalars, histograms)
-        event = _encode_event(_walltime(name, walltime), _step(name, step), summary)
-        with self._lock:
-            self._open()
-            self._file.add(event)
-
-    def _event(self, summary: Any, step: int, walltime: float) -> Any:
-        return _tensorboardx().proto.event_pb2.Event(wall_time=walltime, step=step, summary=summary)
+        self._add(_encode_event(_walltime(name, walltime), _step(name, step), _encode_summary(scalars, histograms)))
 
     def _emit(self, summary: Any, tag: str, step: Any, walltime: Any) -> None:
-        event = self._event(summary, _step(tag, step), _walltime(tag, walltime))
+        """Write a Summary proto (an image's, a text's) as one event."""
+        self._add(_encode_event(_walltime(tag, walltime), _step(tag, step), summary.SerializeToString()))
+
+    def _add(self, event: bytes) -> None:
         with self._lock:
             self._open()
             self._file.add(event)

@@ -38,16 +38,21 @@ Log = Literal["gradients", "parameters", "all"]
 _WATCHERS: weakref.WeakKeyDictionary[nn.Module, Watcher] = weakref.WeakKeyDictionary()
 
 
+def _by_device_and_dtype(tensors: Sequence[torch.Tensor]) -> dict[tuple[torch.device, torch.dtype], list[int]]:
+    """The positions of the tensors on each device with each dtype: one launch's worth."""
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, tensor in enumerate(tensors):
+        groups.setdefault((tensor.device, tensor.dtype), []).append(i)
+    return groups
+
+
 def _norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """L2 norm of each tensor as one float64 vector on the first tensor's device, reduced per
     (device, dtype) group and accumulated in float32 (float64 for float64)."""
     if not tensors:
         return torch.zeros(0, dtype=torch.float64)
-    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-    for i, tensor in enumerate(tensors):
-        groups.setdefault((tensor.device, tensor.dtype), []).append(i)
     out: dict[int, torch.Tensor] = {}
-    for (device, dtype), indices in groups.items():
+    for (device, dtype), indices in _by_device_and_dtype(tensors).items():
         dense = [tensors[i] for i in indices]
         if device.type == "cpu" and dtype in (torch.float32, torch.float64):
             # BLAS dot on the CPU: ~4x faster than _foreach_norm there, and more accurate
@@ -77,12 +82,10 @@ def _histogram_row(
     but min and max is then a sum over the shards. On the CPU, with numba, the row comes
     from `normlog._numba` instead: the same numbers, in two passes over the memory, with
     NaN and Inf always counted (as `mask_nonfinite` asks)."""
-    if span is None and _compiled_on_cpu(tensor) and _numba() is not None:
-        flat = tensor.detach().reshape(-1)
-        if flat.dtype not in (torch.float32, torch.float64):
-            flat = flat.float()  # float16 and bfloat16: exact in float32
-        return torch.from_numpy(_numba().row(flat.numpy(), bins))
     flat = tensor.detach().reshape(-1)
+    if span is None and _compiled_on_cpu(tensor) and _numba() is not None:
+        exact = flat if flat.dtype in (torch.float32, torch.float64) else flat.float()  # float16, bfloat16
+        return torch.from_numpy(_numba().row(exact.numpy(), bins))
     values = flat.to(torch.float64)  # a copy (for float64 input too, made below): worked on in place
     counts_nonfinite = [values.new_zeros(())] * 3
     if mask_nonfinite:
@@ -258,9 +261,7 @@ def _triton() -> Any:
 def _multi_tensor_rows(tensors: list[torch.Tensor], bins: int) -> tuple[list[torch.Tensor], list[int]]:
     """Stats rows of every tensor, one pair of Triton launches per (device, dtype); the
     rows come grouped, and `order` lists the tensor each row belongs to."""
-    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-    for i, tensor in enumerate(tensors):
-        groups.setdefault((tensor.device, tensor.dtype), []).append(i)
+    groups = _by_device_and_dtype(tensors)
     pieces = [_triton().stats_rows([tensors[i] for i in members], bins) for members in groups.values()]
     return pieces, [i for members in groups.values() for i in members]
 
@@ -595,8 +596,8 @@ class Watcher:
                     # Rare: NaN/Inf present (or a float32 overflow). Count them on the device.
                     # With an optimizer this runs after its update: a weight's count includes
                     # what a NaN gradient spread in that update (its norm is from before).
-                    if counted is not None:
-                        nonfinite, row = int(counted[index]), rows[index] if rows else None
+                    if counted is not None:  # the rows counted them, and are already masked
+                        nonfinite, row = int(counted[index]), None
                     else:
                         shard = [pending.tensors[index]], [pending.shards[index]]
                         row = _full_rows(*shard, self._bins, mask_nonfinite=True)[0].cpu().numpy()

@@ -153,6 +153,18 @@ def test_device_histogram_row_matches_the_core_exactly(dtype: str, device: str, 
         assert_same_histogram(_histogram_from_row(row, 30), expected)
 
 
+def test_device_histogram_row_of_a_tensor_large_enough_to_split_over_threads(cpu_engine: str) -> None:
+    # past 2 x 262144 elements the compiled row is counted in parts, one per thread
+    from normlog._core import _histogram_from_row
+    from normlog.torch import _histogram_row
+
+    values = torch.randn(600_001, generator=torch.Generator().manual_seed(4)) * 5
+    values[::100_003] = float("nan")
+    values[7] = float("inf")
+    expected = normlog.histogram(values.numpy())
+    assert_same_histogram(_histogram_from_row(_histogram_row(values, 30, True).numpy(), 30), expected)
+
+
 @pytest.mark.parametrize(
     "values",
     [[0.0, 5e-324, 1e-323, 2e-323], [-1e-309, 0.0, 3e-310], [-1.7e308, 0.0, 1e300, 1.7e308], [-1e300, 1.79e308]],

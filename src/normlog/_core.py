@@ -290,13 +290,20 @@ def _check_bins(bins: Bins) -> int | np.ndarray:
     return edges
 
 
+def _range_scale(count: int, lo: float, hi: float) -> float:
+    """The power of two (so scaling is exact) that values and bounds are multiplied by
+    before binning: 0.5 for a range wider than the largest double, 2**600 for a width
+    that would underflow, else 1. Compiled kernels use it too."""
+    if not math.isfinite(hi - lo):
+        return 0.5
+    if (hi - lo) / count < np.finfo(np.float64).tiny:
+        return 2.0**600
+    return 1.0
+
+
 def _equal_width_rule(count: int, lo: float, hi: float) -> tuple[np.ndarray, _BucketIndex]:
     """Edges and bucket index of `tf.summary.histogram`: floor((x - lo) / width), in float64."""
-    scale = 1.0  # a power of two, so scaling is exact
-    if not math.isfinite(hi - lo):  # a range wider than the largest double: bin halves instead
-        scale = 0.5
-    elif (hi - lo) / count < np.finfo(np.float64).tiny:  # a width that would underflow: bin 2**600 times the values
-        scale = 2.0**600
+    scale = _range_scale(count, lo, hi)
     lo_s, hi_s = lo * scale, hi * scale
     width = (hi_s - lo_s) / count
     with np.errstate(over="ignore"):  # linspace's intermediate near DBL_MAX; its edges are right

@@ -1,12 +1,13 @@
-"""The histogram row of a CPU array in two compiled passes over its memory (numba).
+"""The histogram row of a CPU array in two passes over its memory: numpy's min and max,
+then one compiled pass (numba) that counts and sums.
 
 Rules: the row is `normlog.torch._histogram_row(..., mask_nonfinite=True)`'s: [min, max,
 sum, sum_squares, finite, nan, posinf, neginf, counts...] in float64, with NaN and Inf
 counted, never binned. The bucket of x is the core's floor((x * scale - min * scale) /
 width) in float64, scale being the core's power of two for float64 ranges past the
 doubles' limits (1 otherwise, which changes nothing). float32 and float64 arrays only;
-each is compiled once and cached on disk. The second pass splits the array among numba's
-threads, each with its own counts, added up in a fixed order.
+each is compiled once and cached on disk. The compiled pass splits a large array among
+numba's threads, each with its own counts and sums, added up in a fixed order.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ import math
 import numba
 import numpy as np
 
+from normlog._core import _range_scale
+
 __all__ = ["row"]
 
-_TINY = float(np.finfo(np.float64).tiny)
 _CHUNK = 2048  # values per block: the bucket buffer stays in the L1 cache
 # Fewer values per thread are counted on the calling thread. Measured with bench_torch.py
 # (2 cores), histograms every step: 262144 gave 1.27x-1.29x; 32768 gave 1.38x (each
@@ -129,23 +131,16 @@ def row(values: np.ndarray, bins: int) -> np.ndarray:
     out[4:8] = finite, nan, posinf, neginf
     if not finite:
         return out
-    scale = 1.0
-    if not math.isfinite(hi - lo):
-        scale = 0.5
-    elif (hi - lo) / bins < _TINY:
-        scale = 2.0**600
+    scale = _range_scale(bins, lo, hi)
     low, high = lo * scale, hi * scale
     width = (high - low) / bins if high > low else 1.0
-    parts = min(numba.get_num_threads(), values.size // _PER_THREAD)
-    if parts < 2:  # starting threads costs more than it saves
-        counts = np.zeros(bins, dtype=np.int64)
-        total, squares = _fill_part(values, 0, values.size, low, width, scale, counts)
-        out[:4] = lo, hi, total, squares
-        out[8:] = counts
-        return out
-    part_counts = np.zeros((parts, bins), dtype=np.int64)
+    parts = max(1, min(numba.get_num_threads(), values.size // _PER_THREAD))
+    counts = np.zeros((parts, bins), dtype=np.int64)
     sums = np.zeros((parts, 2))
-    _fill(values, low, width, scale, part_counts, sums)
+    if parts == 1:  # starting threads would cost more than it saves
+        sums[0] = _fill_part(values, 0, values.size, low, width, scale, counts[0])
+    else:
+        _fill(values, low, width, scale, counts, sums)
     out[:4] = lo, hi, sums[:, 0].sum(), sums[:, 1].sum()
-    out[8:] = part_counts.sum(axis=0)
+    out[8:] = counts.sum(axis=0)
     return out

@@ -2,10 +2,11 @@
 
 Times, on the gradients and weights of bench_torch.py's CPU model after one step (14.8M
 elements in 106 tensors), each pass that `normlog.torch._histogram_row` makes in torch
-ops, the whole row in torch ops and compiled (normlog._numba, with numba installed), and
-the other ways to count that were measured and rejected. With --gpu, the GPU model, and
-the Triton launches of normlog._triton. Prints nanoseconds per
-element (the median of `--repeat` runs over all tensors).
+ops; the whole row in torch ops; the rows of all tensors in one compiled call
+(normlog._numba, with numba installed), and each of its two passes; and the other ways to
+count that were measured and rejected. With --gpu, the GPU model, and the Triton launches
+of normlog._triton. Prints nanoseconds per element (the median of `--repeat` runs over all
+tensors).
 
     python benchmarks/histogram_passes.py          # CPU config of bench_torch.py
     python benchmarks/histogram_passes.py --gpu    # its GPU config (GPT-2-sized, 160M parameters)
@@ -20,6 +21,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
@@ -93,9 +95,16 @@ def main() -> None:
         ),
     }
     if not args.gpu and normlog.torch._numba() is not None:
-        passes["the whole exact row, per tensor, compiled (normlog._numba)"] = each(
-            lambda k: _histogram_row(tensors[k], BINS, mask_nonfinite=False)
-        )
+        from normlog import _numba
+
+        arrays = [t.numpy() for t in tensors]
+        blocks = _numba._Blocks.of(arrays)
+        low = np.array([float(lo) for lo, _ in bounds])
+        width = np.array([float(w) for w in widths])
+        ones = np.ones(len(arrays))
+        passes["compiled, all rows in one call, blocks shared by the threads"] = lambda: _numba.rows(arrays, BINS)
+        passes["compiled, its first pass: min and max"] = blocks.bounds
+        passes["compiled, its second pass: counts and sums"] = lambda: blocks.fill(low, width, ones, ones > 0, BINS)
     if args.gpu:
         from normlog import _triton
 

@@ -153,8 +153,8 @@ def test_device_histogram_row_matches_the_core_exactly(dtype: str, device: str, 
         assert_same_histogram(_histogram_from_row(row, 30), expected)
 
 
-def test_device_histogram_row_of_a_tensor_large_enough_to_split_over_threads(cpu_engine: str) -> None:
-    # past 2 x 262144 elements the compiled row is counted in parts, one per thread
+def test_device_histogram_row_of_a_tensor_of_many_blocks(cpu_engine: str) -> None:
+    # the compiled row is counted in blocks of 65,536 values, shared among threads
     from normlog._core import _histogram_from_row
     from normlog.torch import _histogram_row
 
@@ -163,6 +163,36 @@ def test_device_histogram_row_of_a_tensor_large_enough_to_split_over_threads(cpu
     values[7] = float("inf")
     expected = normlog.histogram(values.numpy())
     assert_same_histogram(_histogram_from_row(_histogram_row(values, 30, True).numpy(), 30), expected)
+
+
+def test_compiled_rows_of_many_arrays_do_not_depend_on_the_threads() -> None:
+    # normlog._numba cuts all the arrays of one call into blocks that its threads share:
+    # arrays across block borders, of both dtypes, with NaN and Inf in some blocks
+    numba = pytest.importorskip("numba")
+    from normlog import _numba
+    from normlog._core import _histogram_from_row
+
+    generator = np.random.default_rng(4)
+    sizes = [600_001, 65_536, 65_537, 65_535, 0, 1, 3, 131_072]
+    arrays = [
+        generator.standard_normal(size).astype(np.float32 if i % 2 else np.float64) * (i + 1)
+        for i, size in enumerate(sizes)
+    ]
+    arrays[0][::100_003] = np.nan
+    arrays[0][7] = np.inf
+    arrays[2][-1] = -np.inf
+    rows = _numba.rows(arrays, 30)
+    for values, row in zip(arrays, rows, strict=True):
+        got, expected = _histogram_from_row(row, 30), normlog.histogram(values, 30)
+        assert_same_histogram(got, expected)
+        assert (got.sum, got.sum_squares) == pytest.approx((expected.sum, expected.sum_squares), rel=1e-9, abs=1e-9)
+    threads = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        alone = _numba.rows(arrays, 30)
+    finally:
+        numba.set_num_threads(threads)
+    np.testing.assert_array_equal(alone, rows)  # the same bits, sums included
 
 
 @pytest.mark.parametrize(

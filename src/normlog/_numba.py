@@ -1,36 +1,87 @@
-"""The histogram row of a CPU array in two passes over its memory: numpy's min and max,
-then one compiled pass (numba) that counts and sums.
+"""Histogram rows of many CPU arrays at once, in two compiled passes (numba) over their
+memory, each split among numba's threads.
 
-Rules: the row is `normlog.torch._histogram_row(..., mask_nonfinite=True)`'s: [min, max,
+Rules: a row is `normlog.torch._histogram_row(..., mask_nonfinite=True)`'s: [min, max,
 sum, sum_squares, finite, nan, posinf, neginf, counts...] in float64, with NaN and Inf
 counted, never binned. The bucket of x is the core's floor((x * scale - min * scale) /
-width) in float64, scale being the core's power of two for float64 ranges past the
-doubles' limits (1 otherwise, which changes nothing). float32 and float64 arrays only;
-each is compiled once and cached on disk. The compiled pass splits a large array among
-numba's threads, each with its own counts and sums, added up in a fixed order.
+width) in float64, scale being the core's power of two (`_core._range_scale`). float32 and
+float64 arrays only; each kernel is compiled once per dtype and cached on disk. All the
+arrays of a call are cut into blocks of `_BLOCK` values; the threads take whole blocks, and
+each block's counts and sums are added up in block order, so a row does not depend on how
+many threads there are.
 """
 
 from __future__ import annotations
 
-import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numba
 import numpy as np
+from numba import types
+from numba.extending import intrinsic
+from numba.np.numpy_support import carray
 
 from normlog._core import _range_scale
 
-__all__ = ["row"]
+__all__ = ["row", "rows"]
 
-_CHUNK = 2048  # values per block: the bucket buffer stays in the L1 cache
-# Fewer values per thread are counted on the calling thread. Measured with bench_torch.py
-# (2 cores), histograms every step: 262144 gave 1.27x-1.29x; 32768 gave 1.38x (each
-# parallel region leaves numba's OpenMP threads spinning against torch's), and a thread
-# pool of our own instead of parallel=True, 1.34x-1.40x.
-_PER_THREAD = 262144
+_BLOCK = 65536  # values per unit of work for a thread: ~230 of them in a 15M-value step
+_CHUNK = 2048  # values per inner loop: the bucket buffer stays in the L1 cache
+_KEYS: dict[np.dtype, np.dtype] = {np.dtype(np.float32): np.dtype(np.int32), np.dtype(np.float64): np.dtype(np.int64)}
+
+
+@intrinsic
+def _pointer(typingctx: Any, address: Any, like: Any) -> Any:
+    """The integer `address` as a pointer to `like`'s dtype: how a compiled loop reaches
+    arrays of different sizes without copying them into one."""
+    signature = types.CPointer(like.dtype)(types.int64, like)  # type: ignore[no-untyped-call]
+
+    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+        return builder.inttoptr(args[0], context.get_value_type(sig.return_type))
+
+    return signature, codegen
 
 
 @numba.njit(cache=True, nogil=True)
-def _bounds(values: np.ndarray) -> tuple[float, float, int, int, int]:
+def _block(address: int, start: int, stop: int, like: np.ndarray) -> np.ndarray:
+    """values[start:stop] of the array at `address`, with `like`'s dtype."""
+    return carray(_pointer(address + start * like.itemsize, like), stop - start)  # type: ignore[call-arg]
+
+
+@numba.njit(cache=True, nogil=True)
+def _key_bounds(bits: np.ndarray, shift: Any, magnitude: Any) -> tuple[Any, Any]:
+    """The least and greatest sort key of a block of floats, read as integers of their
+    width. The key (flip a negative float's magnitude bits) orders floats as numbers, NaN
+    past the infinities, and its integer min and max vectorize without a branch."""
+    lo, hi = magnitude, ~magnitude  # the largest and the smallest integer
+    for i in range(bits.size):
+        key = bits[i] ^ ((bits[i] >> shift) & magnitude)
+        lo = key if key < lo else lo
+        hi = key if key > hi else hi
+    return lo, hi
+
+
+@numba.njit(cache=True, nogil=True, parallel=True)
+def _bounds_of_blocks(
+    addresses: np.ndarray,
+    block: np.ndarray,
+    start: np.ndarray,
+    stop: np.ndarray,
+    shift: Any,
+    magnitude: Any,
+    keys: np.ndarray,
+) -> None:
+    """keys[i] = the least and greatest key of block i (see `_key_bounds`); `shift` and
+    `magnitude` are the width less one and the largest integer, in the keys' dtype."""
+    for i in numba.prange(block.size):
+        bits = _block(addresses[block[i]], start[i], stop[i], keys)
+        keys[i, 0], keys[i, 1] = _key_bounds(bits, shift, magnitude)
+
+
+@numba.njit(cache=True, nogil=True)
+def _nonfinite(values: np.ndarray) -> tuple[float, float, int, int, int]:
     """min and max of the finite values, and the NaN, +Inf and -Inf counts: the slow,
     branching pass, for the rare array that holds NaN or Inf."""
     lo, hi = np.inf, -np.inf
@@ -49,98 +100,185 @@ def _bounds(values: np.ndarray) -> tuple[float, float, int, int, int]:
 
 
 @numba.njit(cache=True, nogil=True, fastmath={"reassoc", "nsz", "contract"})
-def _sums(values: np.ndarray, start: int, stop: int) -> tuple[float, float]:
+def _sums(values: np.ndarray, finite: bool) -> tuple[float, float]:
     """Sum and sum of squares of the finite values in float64, in any order (so in SIMD
     lanes): sums, unlike buckets, are not bit-exact anywhere."""
     total = squares = 0.0
-    for i in range(start, stop):
-        x = np.float64(values[i])
-        finite = x if abs(x) < np.inf else np.float64(0.0)  # a select, not a branch: the loop vectorizes
-        total += finite
-        squares += finite * finite
+    if finite:
+        for i in range(values.size):
+            x = np.float64(values[i])
+            total += x
+            squares += x * x
+    else:
+        for i in range(values.size):
+            x = np.float64(values[i])
+            kept = x if abs(x) < np.inf else np.float64(0.0)  # a select, not a branch: it vectorizes
+            total += kept
+            squares += kept * kept
     return total, squares
 
 
 @numba.njit(cache=True, nogil=True)
-def _fill_part(
-    values: np.ndarray, start: int, stop: int, low: float, width: float, scale: float, counts: np.ndarray
+def _fill(
+    values: np.ndarray, low: float, width: float, scale: float, finite: bool, counts: np.ndarray
 ) -> tuple[float, float]:
-    """Adds the bucket counts of values[start:stop] to `counts`; returns its sum and sum of
-    squares.
+    """Adds the bucket counts of `values` to `counts`; returns their sum and sum of squares.
 
-    Blocks of _CHUNK values go in two loops: bucket numbers into a buffer, branch-free so
+    Chunks of _CHUNK values go in two loops: bucket numbers into a buffer, branch-free so
     that it vectorizes, then the counting. The bucket floor(offset / width) is found as
     floor(offset * (1 / width)), which can differ from it only within `near` of a whole
-    number (|q - offset/width| <= 2.3e-16 q, and q <= bins); a block with such a value, or
-    with NaN or Inf, is redone with the division, so every bucket is the core's. Four
-    copies of the counts, taken in turn, let increments of one bucket overlap."""
+    number (|q - offset/width| <= 2.3e-16 q, and q <= bins); a chunk with such a value, or
+    with NaN or Inf, is redone with the division, so every bucket is the core's. NaN and
+    Inf go to a spare bucket past the last, which is not counted. Four copies of the
+    counts, taken in turn, let increments of one bucket overlap."""
     bins = counts.size
+    stride = bins + 1  # the spare bucket
     inverse = 1.0 / width
     near = 1e-15 * (bins + 2)
     top = np.float64(bins)  # NaN and Inf give any int32 in the first loop; the redo drops them
-    local = np.zeros(4 * bins, dtype=np.int64)
+    local = np.zeros(4 * stride, dtype=np.int64)
     buffer = np.empty(_CHUNK, dtype=np.int32)
     total = squares = 0.0
-    for first in range(start, stop, _CHUNK):
-        count = min(_CHUNK, stop - first)
+    for first in range(0, values.size, _CHUNK):
+        chunk = values[first : first + _CHUNK]
+        where = buffer[: chunk.size]
         redo = False
-        for j in range(count):
-            x = np.float64(values[first + j])
+        for j in range(chunk.size):
+            x = np.float64(chunk[j])
             q = (x * scale - low) * inverse
             bucket = np.floor(q)  # a float (math.floor's int64 would not vectorize)
             redo |= (q - bucket < near) | (q - bucket > 1.0 - near) | (not abs(x) < np.inf)
-            buffer[j] = min(max(np.int32(min(bucket, top)), 0), bins - 1)  # type: ignore[assignment]
+            where[j] = min(max(np.int32(min(bucket, top)), 0), bins - 1)  # type: ignore[assignment]
         if redo:
-            for j in range(count):
-                x = np.float64(values[first + j])
+            for j in range(chunk.size):
+                x = np.float64(chunk[j])
                 if abs(x) < np.inf:
                     bucket = np.floor((x * scale - low) / width)
-                    buffer[j] = min(max(np.int32(min(bucket, top)), 0), bins - 1)  # type: ignore[assignment]
+                    where[j] = min(max(np.int32(min(bucket, top)), 0), bins - 1)  # type: ignore[assignment]
                 else:
-                    buffer[j] = -1
-        for j in range(count):
-            if buffer[j] >= 0:
-                local[(j & 3) * bins + buffer[j]] += 1
-        block_total, block_squares = _sums(values, first, first + count)
-        total += block_total
-        squares += block_squares
+                    where[j] = bins
+        whole = chunk.size // 4 * 4
+        for j in range(0, whole, 4):
+            local[where[j]] += 1
+            local[stride + where[j + 1]] += 1
+            local[2 * stride + where[j + 2]] += 1
+            local[3 * stride + where[j + 3]] += 1
+        for j in range(whole, chunk.size):
+            local[where[j]] += 1
+        chunk_total, chunk_squares = _sums(chunk, finite)
+        total += chunk_total
+        squares += chunk_squares
     for k in range(bins):
-        counts[k] += local[k] + local[bins + k] + local[2 * bins + k] + local[3 * bins + k]
+        counts[k] += local[k] + local[stride + k] + local[2 * stride + k] + local[3 * stride + k]
     return total, squares
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
-def _fill(values: np.ndarray, low: float, width: float, scale: float, counts: np.ndarray, sums: np.ndarray) -> None:
-    """`_fill_part` of each of len(counts) parts of `values`, one per thread."""
-    parts, size = counts.shape[0], values.size
-    for part in numba.prange(parts):
-        start, stop = part * size // parts, (part + 1) * size // parts
-        sums[part, 0], sums[part, 1] = _fill_part(values, start, stop, low, width, scale, counts[part])
+def _fill_blocks(
+    addresses: np.ndarray,
+    block: np.ndarray,
+    start: np.ndarray,
+    stop: np.ndarray,
+    like: np.ndarray,
+    low: np.ndarray,
+    width: np.ndarray,
+    scale: np.ndarray,
+    finite: np.ndarray,
+    counts: np.ndarray,
+    sums: np.ndarray,
+) -> None:
+    """`_fill` of each block, into counts[i] and sums[i]; a width of 0 marks an array with
+    no finite value, whose blocks are skipped."""
+    for i in numba.prange(block.size):
+        a = block[i]
+        if width[a] > 0:
+            values = _block(addresses[a], start[i], stop[i], like)
+            sums[i, 0], sums[i, 1] = _fill(values, low[a], width[a], scale[a], finite[a], counts[i])
+
+
+def rows(arrays: Sequence[np.ndarray], bins: int) -> np.ndarray:
+    """The rows of float32 and float64 arrays, one per array (see the module's rules)."""
+    out = np.zeros((len(arrays), 8 + bins))
+    flat = [np.ascontiguousarray(a).reshape(-1) for a in arrays]  # held until the kernels are done
+    if any(a.dtype not in _KEYS for a in flat):
+        raise TypeError(f"rows of float32 and float64 arrays only; got {sorted({str(a.dtype) for a in flat})}")
+    for dtype in _KEYS:
+        group = [i for i, a in enumerate(flat) if a.dtype == dtype]
+        if group:
+            out[group] = _rows_of_one_dtype([flat[i] for i in group], bins)
+    return out
+
+
+@dataclass(frozen=True)
+class _Blocks:
+    """Arrays of one dtype cut into blocks of up to _BLOCK values: block i is
+    values[start[i]:stop[i]] of the array at addresses[array[i]]. `first` holds each
+    nonempty array's first block; a pass's results per array are over the nonempty ones."""
+
+    like: np.ndarray  # one of the arrays: the dtype of them all
+    addresses: np.ndarray
+    array: np.ndarray
+    start: np.ndarray
+    stop: np.ndarray
+    first: np.ndarray
+    nonempty: np.ndarray
+
+    @classmethod
+    def of(cls, arrays: Sequence[np.ndarray]) -> _Blocks:
+        sizes = np.array([a.size for a in arrays], dtype=np.int64)
+        per_array = -(-sizes // _BLOCK)
+        array = np.repeat(np.arange(len(arrays)), per_array)
+        first = np.cumsum(per_array) - per_array
+        start = (np.arange(array.size) - first[array]) * _BLOCK
+        stop = np.minimum(start + _BLOCK, sizes[array])
+        addresses = np.array([a.ctypes.data for a in arrays], dtype=np.int64)
+        return cls(arrays[0], addresses, array, start, stop, first[per_array > 0], per_array > 0)
+
+    def bounds(self) -> np.ndarray:
+        """The first pass: each array's least and greatest value, NaN where it holds NaN."""
+        keys_dtype = _KEYS[self.like.dtype]
+        shift, magnitude = keys_dtype.type(keys_dtype.itemsize * 8 - 1), keys_dtype.type(np.iinfo(keys_dtype).max)
+        keys = np.empty((self.array.size, 2), dtype=keys_dtype)
+        _bounds_of_blocks(self.addresses, self.array, self.start, self.stop, shift, magnitude, keys)
+        ends = np.stack([np.minimum.reduceat(keys[:, 0], self.first), np.maximum.reduceat(keys[:, 1], self.first)])
+        ends ^= (ends >> shift) & magnitude  # the key is its own inverse
+        return ends.view(self.like.dtype).astype(np.float64)
+
+    def fill(
+        self, low: np.ndarray, width: np.ndarray, scale: np.ndarray, finite: np.ndarray, bins: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The second pass: each array's bucket counts, and its [sum, sum of squares]. The
+        arguments are per array (all of them); a width of 0 skips one."""
+        counts = np.zeros((self.array.size, bins), dtype=np.int64)
+        sums = np.zeros((self.array.size, 2))
+        _fill_blocks(
+            self.addresses, self.array, self.start, self.stop, self.like, low, width, scale, finite, counts, sums
+        )
+        return np.add.reduceat(counts, self.first), np.add.reduceat(sums, self.first)
+
+
+def _rows_of_one_dtype(arrays: list[np.ndarray], bins: int) -> np.ndarray:
+    out = np.zeros((len(arrays), 8 + bins))
+    blocks = _Blocks.of(arrays)
+    if not blocks.array.size:
+        return out
+    lo, hi = np.zeros((2, len(arrays)))
+    lo[blocks.nonempty], hi[blocks.nonempty] = blocks.bounds()
+    finite = np.isfinite(lo) & np.isfinite(hi)
+    for a in np.flatnonzero(blocks.nonempty & ~finite):  # NaN or Inf: the bounds of the finite values
+        lo[a], hi[a], nan, posinf, neginf = _nonfinite(arrays[a])
+        out[a, 5:8] = nan, posinf, neginf
+    out[:, 4] = [a.size for a in arrays] - out[:, 5:8].sum(axis=1)
+    counted = out[:, 4] > 0
+    scale = np.array([_range_scale(bins, float(a), float(b)) if c else 1.0 for a, b, c in zip(lo, hi, counted)])
+    low, high = lo * scale, hi * scale
+    width = np.where(high > low, (high - low) / bins, 1.0) * counted  # 0: nothing to count
+    out[blocks.nonempty, 8:], out[blocks.nonempty, 2:4] = blocks.fill(low, width, scale, finite, bins)
+    out[counted, 0], out[counted, 1] = lo[counted], hi[counted]
+    return out
 
 
 def row(values: np.ndarray, bins: int) -> np.ndarray:
-    """The row of a 1-d float32 or float64 array (see the module's rules)."""
-    out = np.zeros(8 + bins)
-    if not values.size:
-        return out
-    lo, hi = float(values.min()), float(values.max())  # numpy's SIMD passes; NaN and Inf show here
-    nan = posinf = neginf = 0
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        lo, hi, nan, posinf, neginf = _bounds(values)
-    finite = values.size - nan - posinf - neginf
-    out[4:8] = finite, nan, posinf, neginf
-    if not finite:
-        return out
-    scale = _range_scale(bins, lo, hi)
-    low, high = lo * scale, hi * scale
-    width = (high - low) / bins if high > low else 1.0
-    parts = max(1, min(numba.get_num_threads(), values.size // _PER_THREAD))
-    counts = np.zeros((parts, bins), dtype=np.int64)
-    sums = np.zeros((parts, 2))
-    if parts == 1:  # starting threads would cost more than it saves
-        sums[0] = _fill_part(values, 0, values.size, low, width, scale, counts[0])
-    else:
-        _fill(values, low, width, scale, counts, sums)
-    out[:4] = lo, hi, sums[:, 0].sum(), sums[:, 1].sum()
-    out[8:] = counts.sum(axis=0)
-    return out
+    """The row of one float32 or float64 array."""
+    one: np.ndarray = rows([values], bins)[0]
+    return one

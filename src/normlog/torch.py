@@ -82,10 +82,9 @@ def _histogram_row(
     but min and max is then a sum over the shards. On the CPU, with numba, the row comes
     from `normlog._numba` instead: the same numbers, in two passes over the memory, with
     NaN and Inf always counted (as `mask_nonfinite` asks)."""
-    flat = tensor.detach().reshape(-1)
     if span is None and _compiled_on_cpu(tensor) and _numba() is not None:
-        exact = flat if flat.dtype in (torch.float32, torch.float64) else flat.float()  # float16, bfloat16
-        return torch.from_numpy(_numba().row(exact.numpy(), bins))
+        return _compiled_rows([tensor], bins)[0]
+    flat = tensor.detach().reshape(-1)
     values = flat.to(torch.float64)  # a copy (for float64 input too, made below): worked on in place
     counts_nonfinite = [values.new_zeros(())] * 3
     if mask_nonfinite:
@@ -126,6 +125,13 @@ def _histogram_row(
         # whole bucket numbers with a fixed range counts the same without waiting.
         counts = torch.histc(values.floor_().clamp_(0, bins - 1), bins, min=0, max=bins)
     return torch.cat([stats, torch.stack(counts_nonfinite).to(values), counts])
+
+
+def _compiled_rows(tensors: Sequence[torch.Tensor], bins: int) -> torch.Tensor:
+    """The rows of CPU tensors from `normlog._numba`, all in one call: its threads share
+    the blocks of every tensor, however small each is."""
+    exact = (t.detach() if t.dtype in (torch.float32, torch.float64) else t.detach().float() for t in tensors)
+    return torch.from_numpy(_numba().rows([t.reshape(-1).numpy() for t in exact], bins))
 
 
 def _dense(tensor: torch.Tensor) -> torch.Tensor:
@@ -200,9 +206,15 @@ def _full_rows(
     """Histogram rows of whole tensors from their shards: the global min and max in one
     all-reduce, then each shard binned with them and the counts and sums added in another,
     which is `Histogram.merge` done on the device."""
-    rows: list[torch.Tensor | None] = [
-        None if g else _histogram_row(t, bins, mask_nonfinite) for t, g in zip(locals_, groups)
-    ]
+    rows: list[torch.Tensor | None] = [None] * len(locals_)
+    whole = [i for i, g in enumerate(groups) if not g]
+    compiled = [i for i in whole if _compiled_on_cpu(locals_[i])] if _numba() is not None else []
+    if compiled:  # in one call, as its threads share blocks of every tensor
+        rows_of_compiled = _compiled_rows([locals_[i] for i in compiled], bins)
+        for i, row in zip(compiled, rows_of_compiled, strict=True):
+            rows[i] = row
+    for i in sorted(set(whole) - set(compiled)):
+        rows[i] = _histogram_row(locals_[i], bins, mask_nonfinite)
     for key in dict.fromkeys(g for g in groups if g):
         members = [i for i, g in enumerate(groups) if g == key]
         bounds = torch.stack([_negated_bounds(locals_[i], mask_nonfinite) for i in members])
@@ -510,7 +522,7 @@ class Watcher:
         if histograms and not any(shards) and _numba() is not None and all(_compiled_on_cpu(t) for t in tensors):
             # the compiled rows count NaN/Inf and hold each sum of squares in float64:
             # the norms come from them, without a pass of their own
-            rows = torch.stack([_histogram_row(t, self._bins, mask_nonfinite=True) for t in tensors])
+            rows = _compiled_rows(tensors, self._bins)
             order = list(range(len(tensors)))
             return _Pending(self.step, groups, tensors, shards, [rows], True, with_grad, rows=True, order=order)
         pieces = [_full_norms(tensors, shards)]

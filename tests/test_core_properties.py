@@ -129,6 +129,13 @@ def test_non_real_input_is_the_only_thing_that_raises_and_it_is_a_type_error(val
             function(values)
 
 
+def row(hist: normlog.Histogram, bins: int) -> list[float]:
+    """The row an adapter hands over for `hist` (see normlog._core._histogram_from_row)."""
+    head = [hist.min, hist.max, hist.sum, hist.sum_squares, hist.num, hist.nan, hist.posinf, hist.neginf]
+    counts = hist.counts if hist.counts.size == bins else np.zeros(bins)  # constant: one bucket
+    return [*head, *counts]
+
+
 @settings(deadline=None)
 @given(parts=st.lists(arrays(), min_size=1, max_size=6), bins=st.integers(1, 40))
 def test_histograms_from_many_rows_equal_the_histogram_of_each(parts, bins) -> None:
@@ -136,13 +143,22 @@ def test_histograms_from_many_rows_equal_the_histogram_of_each(parts, bins) -> N
     # batch must be those the core gives each tensor alone, to the last bit
     from normlog._core import _histograms_from_rows
 
-    def row(hist: normlog.Histogram) -> list[float]:
-        head = [hist.min, hist.max, hist.sum, hist.sum_squares, hist.num, hist.nan, hist.posinf, hist.neginf]
-        counts = hist.counts if hist.counts.size == bins else np.zeros(bins)  # constant: one bucket
-        return [*head, *counts]
-
     alone = [normlog.histogram(part, bins) for part in parts]
-    batch = _histograms_from_rows(np.array([row(hist) for hist in alone]), bins)
+    batch = _histograms_from_rows(np.array([row(hist, bins) for hist in alone]), bins)
     for got, expected in zip(batch, alone):
         np.testing.assert_array_equal(got.edges, expected.edges)
         np.testing.assert_array_equal(got.counts, expected.counts)
+
+
+@settings(deadline=None)
+@given(parts=st.lists(arrays(), min_size=1, max_size=6), bins=st.integers(1, 40))
+def test_rows_encode_to_the_bytes_of_their_histograms(parts, bins) -> None:
+    # the writer packs the rows of a logged step without making Histogram objects; each
+    # value must be the bytes it writes for that row's Histogram
+    from normlog._core import _histograms_from_rows
+    from normlog.writer import _encode_histogram_rows, _encode_summary
+
+    rows = np.array([row(normlog.histogram(part, bins), bins) for part in parts])
+    tags = [f"gradients/layer{i}" for i in range(len(parts))]
+    expected = [_encode_summary([], [(tag, h)]) for tag, h in zip(tags, _histograms_from_rows(rows, bins))]
+    assert _encode_histogram_rows(tags, rows, bins) == expected

@@ -318,12 +318,18 @@ def test_the_hand_encoded_event_parses_to_the_protobuf_one() -> None:
 
     from normlog.writer import _encode_event, _encode_summary, _proto_buckets
 
-    hists = [normlog.histogram(np.array([1.0, 2.0, 2.5, np.nan, np.inf]), 5), normlog.histogram(np.zeros(0), 3)]
+    # field lengths of one, two (64 buckets) and three (1100 buckets) varint bytes
+    tagged = [
+        ("w/a", normlog.histogram(np.array([1.0, 2.0, 2.5, np.nan, np.inf]), 5)),
+        ("w b", normlog.histogram(np.zeros(0), 3)),
+        ("w/64", normlog.histogram(np.arange(100.0), 64)),
+        ("w/1100", normlog.histogram(np.arange(3000.0), 1100)),
+    ]
     scalars = [("loss", 0.25), ("grad/ü tag", float("nan")), ("big", 1e39), ("count", 7)]
     for step in (0, 3, -2, 2**62):
-        encoded = _encode_event(1700000000.5, step, _encode_summary(scalars, [("w/a", hists[0]), ("w b", hists[1])]))
+        encoded = _encode_event(1700000000.5, step, _encode_summary(scalars, tagged))
         values = [summary_pb2.Summary.Value(tag=_clean(tag), simple_value=value) for tag, value in scalars]
-        for tag, hist in (("w/a", hists[0]), ("w b", hists[1])):
+        for tag, hist in tagged:
             limits, counts = _proto_buckets(hist)
             proto = summary_pb2.HistogramProto(
                 min=hist.min, max=hist.max, num=hist.num, sum=hist.sum, sum_squares=hist.sum_squares,

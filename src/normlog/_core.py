@@ -381,24 +381,33 @@ def _histogram_from_row(row: np.ndarray, bins: int) -> Histogram:
     return _histograms_from_rows(np.asarray(row)[None], bins)[0]
 
 
-def _histograms_from_rows(rows: np.ndarray, bins: int) -> list[Histogram]:
-    """`_histogram_from_row` of each row of a [tensors, 8 + bins] array. The edges of every
-    ordinary row (finite values over a range whose width is a normal double) come from one
-    linspace over all of them, which does each row's arithmetic exactly as a linspace of
-    that row alone: adapters convert hundreds of rows per logged step."""
-    rows = np.asarray(rows, dtype=np.float64)
+def _ordinary_edges(rows: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """Which rows (float64, see `_histogram_from_row`) are ordinary: finite values over a
+    range whose width is a normal double; and the edges of those, [ordinary rows, bins + 1],
+    from one linspace over all of them, which does each row's arithmetic exactly as a
+    linspace of that row alone. As TensorBoard does, each range ends exactly at min and max."""
     lo, hi, finite = rows[:, 0], rows[:, 1], rows[:, 4]
     with np.errstate(over="ignore", invalid="ignore"):
         extent = hi - lo
         ordinary = (finite > 0) & (hi > lo) & np.isfinite(extent) & (extent / bins >= np.finfo(np.float64).tiny)
     with np.errstate(over="ignore"):  # linspace's intermediate near DBL_MAX, as in _equal_width_rule
-        edges = iter(np.linspace(lo[ordinary], hi[ordinary], bins + 1, axis=1))
+        edges = np.linspace(lo[ordinary], hi[ordinary], bins + 1, axis=1)
+    edges[:, 0], edges[:, -1] = lo[ordinary], hi[ordinary]
+    return ordinary, edges
+
+
+def _histograms_from_rows(rows: np.ndarray, bins: int) -> list[Histogram]:
+    """`_histogram_from_row` of each row of a [tensors, 8 + bins] array, the edges of the
+    ordinary ones computed together (`_ordinary_edges`): adapters convert hundreds of rows
+    per logged step."""
+    rows = np.asarray(rows, dtype=np.float64)
+    ordinary, ordinary_edges = _ordinary_edges(rows, bins)
+    edges = iter(ordinary_edges)
     histograms = []
     for row, regular in zip(rows, ordinary):
         low, high, total, sum_squares, count, nan, posinf, neginf = (float(v) for v in row[:8])
         if regular:
             row_edges = next(edges)
-            row_edges[0], row_edges[-1] = low, high  # as TensorBoard does: the range ends exactly at min and max
             counts = row[8:]
         else:  # constant, empty, or a range past the doubles' limits: the per-value rule
             row_edges, index = _binning(bins, int(count), low, high, False)

@@ -20,7 +20,6 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from normlog._core import Histogram, _histogram_from_row
 from normlog._watching import Guard, check_options
 from normlog.health import Finding, Monitor, StepValues, Thresholds, announce
 from normlog.writer import Writer
@@ -306,7 +305,7 @@ class Watcher(keras.callbacks.Callback):  # type: ignore[misc]
             summary[4 + 2 * count :],
         )
         scalars: list[tuple[str, float]] = []
-        histograms: list[tuple[str, Histogram]] = []
+        histogram_rows = None
         observed: StepValues | None = None
         if step >= 0 and step != self._written["stats"] and step % self._every == 0:
             self._written["stats"] = step
@@ -316,18 +315,18 @@ class Watcher(keras.callbacks.Callback):  # type: ignore[misc]
                 scalars.append(("amp/loss_scale", float(scale)))
         if histogram_step >= 0 and histogram_step != self._written["histograms"]:
             self._written["histograms"] = histogram_step
-            histograms = self._histograms(state)
-            if histogram_step != step:
-                self.writer._summary([], histogram_step, None, histograms)
-                histograms = []
+            histogram_rows = self._histogram_rows(state)
+            if histogram_step != step and histogram_rows is not None:
+                self.writer._summary([], histogram_step, None, rows=histogram_rows)
+                histogram_rows = None
         if update_step >= 0 and update_step != self._written["updates"]:
             self._written["updates"] = update_step
             ratios = {name: float(r) for name, r in zip(state.names, state.updates.numpy())}
             self.writer._summary([(f"updates/{name}/ratio", r) for name, r in ratios.items()], update_step, None)
             if observed is not None and update_step == step:
                 observed.update_ratios = ratios
-        if scalars or histograms:
-            self.writer._summary(scalars, step, None, histograms)
+        if scalars or histogram_rows is not None:
+            self.writer._summary(scalars, step, None, rows=histogram_rows)
         if observed is not None and self._monitor is not None:
             announce(self._monitor.observe(observed), self.writer, self._health_via)
 
@@ -372,22 +371,21 @@ class Watcher(keras.callbacks.Callback):  # type: ignore[misc]
             scalars += [(f"parameters/{name}/norm", float(norm)) for name, norm in zip(state.names, weight_norms)]
         return scalars
 
-    def _histograms(self, state: _State) -> list[tuple[str, Histogram]]:
+    def _histogram_rows(self, state: _State) -> tuple[list[str], np.ndarray, int] | None:
+        """The tags and rows of this step's histograms, for `Writer._summary(rows=...)`."""
         rows = state.histograms.numpy()
         names = state.names
-        out = []
+        tags, kept = [], []
         if self._log_gradients:
-            out += [
-                (f"gradients/{name}", _histogram_from_row(row, self._bins))
-                for name, row in zip(names, rows)
-                if not math.isnan(row[4])
-            ]
+            for name, row in zip(names, rows):
+                if not math.isnan(row[4]):  # no gradient for this variable this step
+                    tags.append(f"gradients/{name}")
+                    kept.append(row)
         if self._log_parameters:
-            out += [
-                (f"parameters/{name}", _histogram_from_row(row, self._bins))
-                for name, row in zip(names, rows[len(names) :])
-            ]
-        return out
+            for name, row in zip(names, rows[len(names) :]):
+                tags.append(f"parameters/{name}")
+                kept.append(row)
+        return (tags, np.stack(kept), self._bins) if tags else None
 
     # -- errors and life cycle -----------------------------------------------------------
 

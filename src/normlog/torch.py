@@ -25,7 +25,6 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from normlog._core import Histogram, _histograms_from_rows
 from normlog._watching import Background, Guard, check_options
 from normlog.health import Finding, Monitor, StepValues, Thresholds, announce
 from normlog.writer import Writer
@@ -589,7 +588,6 @@ class Watcher:
             update_norms = host[count + len(rows) * width :]
         step = pending.step
         scalars: list[tuple[str, float]] = []
-        histograms: list[tuple[str, Histogram]] = []
         parameter_norms: dict[str, float] = {}
         values = StepValues(step)
         index = 0
@@ -629,9 +627,10 @@ class Watcher:
             if kind == "gradients":
                 scalars.append(("gradients/global_norm", math.sqrt(squares)))
                 values.global_norm = math.sqrt(squares)
+        histogram_rows = None
         if rows:  # in the tensors' order, as the loop above went
             tags = [f"{kind}/{name}" for kind, names, _ in pending.groups for name in names]
-            histograms = list(zip(tags, _histograms_from_rows(np.stack(rows), self._bins)))
+            histogram_rows = (tags, np.stack(rows), self._bins)
         if update_norms.size:
             for (name, _), update in zip(pending.updated, update_norms):
                 weight = parameter_norms.get(name, math.nan)
@@ -640,7 +639,7 @@ class Watcher:
                 values.update_ratios[name] = ratio
         if self.writer is None:
             return
-        self.writer._summary(scalars, step, None, histograms)
+        self.writer._summary(scalars, step, None, rows=histogram_rows)
         if self._monitor is not None:
             announce(self._monitor.observe(values), self.writer, self._health_via)
 

@@ -148,23 +148,29 @@ def main() -> None:
     # Step-time ratios of a few percent drown in the machine's noise (see the second copy),
     # so also time a logged step's own work alone: reduce on the device, transfer, write.
     # "on the training thread" is the host time of the hooks' calls; the rest is waiting for
-    # the device and, on a GPU, for the background thread's writing.
+    # the device and, on a GPU, for the background thread's writing. "reductions" ends when
+    # the reducing calls return (on a GPU, once launched); "transfer, writing" is the rest.
     print(
-        "\n| logging work of one logged step, timed alone | ms | share of a plain step | on the training thread (ms) |"
-        "\n| --- | ---: | ---: | ---: |"
+        "\n| logging work of one logged step, timed alone | ms | share of a plain step "
+        "| on the training thread (ms) | reductions (ms) | transfer, writing (ms) |"
+        "\n| --- | ---: | ---: | ---: | ---: | ---: |"
     )
     for mode, watcher in watchers.items():
-        samples, hooks = [], []
+        samples: dict[str, list[float]] = {"total": [], "hooks": [], "reductions": [], "writing": []}
         for _ in range(args.rounds * args.steps):
             sync()
             start = time.perf_counter()
-            watcher._finish(watcher._reduce())  # type: ignore[arg-type]
-            hooks.append(time.perf_counter() - start)
+            pending = watcher._reduce()
+            reduced = time.perf_counter()
+            watcher._finish(pending)  # type: ignore[arg-type]
+            samples["hooks"].append(time.perf_counter() - start)
             watcher._wait_for_writing()  # on a GPU, the writing runs on a background thread
             sync()
-            samples.append(time.perf_counter() - start)
-        median = statistics.median(samples)
-        print(f"| {mode} | {median * 1e3:.1f} | {median / plain:.1%} | {statistics.median(hooks) * 1e3:.1f} |")
+            samples["total"].append(time.perf_counter() - start)
+            samples["reductions"].append(reduced - start)
+            samples["writing"].append(samples["total"][-1] - samples["reductions"][-1])
+        total, hooks, reductions, writing = (statistics.median(samples[key]) * 1e3 for key in samples)
+        print(f"| {mode} | {total:.1f} | {total / plain / 1e3:.1%} | {hooks:.1f} | {reductions:.1f} | {writing:.1f} |")
 
 
 if __name__ == "__main__":

@@ -53,8 +53,8 @@ def _block(address: int, start: int, stop: int, like: np.ndarray) -> np.ndarray:
 @numba.njit(cache=True, nogil=True)
 def _key_bounds(bits: np.ndarray, shift: Any, magnitude: Any) -> tuple[Any, Any]:
     """The least and greatest sort key of a block of floats, read as integers of their
-    width. The key (flip a negative float's magnitude bits) orders floats as numbers, NaN
-    past the infinities, and its integer min and max vectorize without a branch."""
+    width. The key (flip a negative float's magnitude bits) orders floats as numbers, with
+    NaN beyond ±Inf, and its integer min and max vectorize without a branch."""
     lo, hi = magnitude, ~magnitude  # the largest and the smallest integer
     for i in range(bits.size):
         key = bits[i] ^ ((bits[i] >> shift) & magnitude)

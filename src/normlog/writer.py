@@ -427,8 +427,11 @@ _HEADERS = np.dtype([(f"{name}{i}", "u1" if name == "key" else "<f8") for i in r
 
 def _histogram_value(tag: str, header: bytes, limits: bytes, counts: bytes) -> bytes:
     """A Summary.Value holding a HistogramProto (histo = 5): its header, then bucket_limit
-    = 6 and bucket = 7, each packed doubles."""
-    return _field(0x0A, _tag_field(tag) + _field(0x2A, header + _field(0x32, limits) + _field(0x3A, counts)))
+    = 6 and bucket = 7, each packed doubles (as many limits as counts)."""
+    length = _varint(len(limits))
+    histo = b"".join((header, b"\x32", length, limits, b"\x3a", length, counts))
+    value = b"".join((_tag_field(tag), b"\x2a", _varint(len(histo)), histo))
+    return b"\x0a" + _varint(len(value)) + value
 
 
 def _encode_histogram_rows(tags: Sequence[str], rows: np.ndarray, bins: int) -> list[bytes]:
@@ -440,8 +443,8 @@ def _encode_histogram_rows(tags: Sequence[str], rows: np.ndarray, bins: int) -> 
     ordinary, edges = _ordinary_edges(rows, bins)
     counts = rows[ordinary, 8:]
     filled = counts > 0
-    first = filled.argmax(axis=1)
-    stop = bins - filled[:, ::-1].argmax(axis=1)  # past the last filled bucket
+    first = filled.argmax(axis=1).tolist()
+    stop = (bins - filled[:, ::-1].argmax(axis=1)).tolist()  # past the last filled bucket
     headers = np.empty(len(edges), dtype=_HEADERS)
     for i, column in enumerate((0, 1, 4, 2, 3)):  # min, max, num, sum, sum_squares
         headers[f"key{i}"] = 0x09 + 8 * i
@@ -452,11 +455,11 @@ def _encode_histogram_rows(tags: Sequence[str], rows: np.ndarray, bins: int) -> 
     size = _HEADERS.itemsize
     values = []
     k = 0  # the ordinary row's index
-    for tag, row, regular in zip(tags, rows, ordinary, strict=True):
+    for tag, row, regular in zip(tags, rows, ordinary.tolist(), strict=True):
         if not regular:
             values.append(_encode_summary([], [(tag, _histogram_from_row(row, bins))]))
             continue
-        lo, hi = 8 * (k * bins + int(first[k])), 8 * (k * bins + int(stop[k]))
+        lo, hi = 8 * (k * bins + first[k]), 8 * (k * bins + stop[k])
         values.append(
             _histogram_value(tag, header_bytes[k * size : (k + 1) * size], limit_bytes[lo:hi], count_bytes[lo:hi])
         )

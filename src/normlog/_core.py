@@ -290,20 +290,19 @@ def _check_bins(bins: Bins) -> int | np.ndarray:
     return edges
 
 
-def _range_scale(count: int, lo: float, hi: float) -> float:
+def _range_scale(count: int, lo: Any, hi: Any) -> np.ndarray:
     """The power of two (so scaling is exact) that values and bounds are multiplied by
     before binning: 0.5 for a range wider than the largest double, 2**600 for a width
-    that would underflow, else 1. Compiled kernels use it too."""
-    if not math.isfinite(hi - lo):
-        return 0.5
-    if (hi - lo) / count < np.finfo(np.float64).tiny:
-        return 2.0**600
-    return 1.0
+    that would underflow, else 1. Elementwise over arrays of bounds too: the rows of
+    adapters and compiled kernels use the same rule."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        extent = np.subtract(hi, lo, dtype=np.float64)
+        return np.where(~np.isfinite(extent), 0.5, np.where(extent / count < np.finfo(np.float64).tiny, 2.0**600, 1.0))
 
 
 def _equal_width_rule(count: int, lo: float, hi: float) -> tuple[np.ndarray, _BucketIndex]:
     """Edges and bucket index of `tf.summary.histogram`: floor((x - lo) / width), in float64."""
-    scale = _range_scale(count, lo, hi)
+    scale = float(_range_scale(count, lo, hi))
     lo_s, hi_s = lo * scale, hi * scale
     width = (hi_s - lo_s) / count
     with np.errstate(over="ignore"):  # linspace's intermediate near DBL_MAX; its edges are right
@@ -387,9 +386,7 @@ def _ordinary_edges(rows: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray
     from one linspace over all of them, which does each row's arithmetic exactly as a
     linspace of that row alone. As TensorBoard does, each range ends exactly at min and max."""
     lo, hi, finite = rows[:, 0], rows[:, 1], rows[:, 4]
-    with np.errstate(over="ignore", invalid="ignore"):
-        extent = hi - lo
-        ordinary = (finite > 0) & (hi > lo) & np.isfinite(extent) & (extent / bins >= np.finfo(np.float64).tiny)
+    ordinary = (finite > 0) & (hi > lo) & (_range_scale(bins, lo, hi) == 1.0)
     with np.errstate(over="ignore"):  # linspace's intermediate near DBL_MAX, as in _equal_width_rule
         edges = np.linspace(lo[ordinary], hi[ordinary], bins + 1, axis=1)
     edges[:, 0], edges[:, -1] = lo[ordinary], hi[ordinary]
@@ -406,12 +403,11 @@ def _histograms_from_rows(rows: np.ndarray, bins: int) -> list[Histogram]:
     histograms = []
     for row, regular in zip(rows, ordinary):
         low, high, total, sum_squares, count, nan, posinf, neginf = (float(v) for v in row[:8])
+        counts = row[8:]
         if regular:
             row_edges = next(edges)
-            counts = row[8:]
         else:  # constant, empty, or a range past the doubles' limits: the per-value rule
             row_edges, index = _binning(bins, int(count), low, high, False)
-            counts = row[8:]
             if index is None:  # constant or empty: the one bucket [c, c], or empty buckets at 0
                 counts = np.zeros(row_edges.size - 1)
                 counts[-1] = count

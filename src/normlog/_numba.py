@@ -25,7 +25,7 @@ from numba.np.numpy_support import carray
 
 from normlog._core import _range_scale
 
-__all__ = ["row", "rows"]
+__all__ = ["rows"]
 
 _BLOCK = 65536  # values per unit of work for a thread: ~230 of them in a 15M-value step
 _CHUNK = 2048  # values per inner loop: the bucket buffer stays in the L1 cache
@@ -270,15 +270,9 @@ def _rows_of_one_dtype(arrays: list[np.ndarray], bins: int) -> np.ndarray:
         out[a, 5:8] = nan, posinf, neginf
     out[:, 4] = [a.size for a in arrays] - out[:, 5:8].sum(axis=1)
     counted = out[:, 4] > 0
-    scale = np.array([_range_scale(bins, float(a), float(b)) if c else 1.0 for a, b, c in zip(lo, hi, counted)])
+    scale = np.where(counted, _range_scale(bins, lo, hi), 1.0)
     low, high = lo * scale, hi * scale
     width = np.where(high > low, (high - low) / bins, 1.0) * counted  # 0: nothing to count
     out[blocks.nonempty, 8:], out[blocks.nonempty, 2:4] = blocks.fill(low, width, scale, finite, bins)
     out[counted, 0], out[counted, 1] = lo[counted], hi[counted]
     return out
-
-
-def row(values: np.ndarray, bins: int) -> np.ndarray:
-    """The row of one float32 or float64 array."""
-    one: np.ndarray = rows([values], bins)[0]
-    return one

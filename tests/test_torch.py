@@ -301,7 +301,8 @@ def test_frozen_unused_sparse_and_half_precision_parameters(tmp_path) -> None:
     assert "gradients/embed.weight" in events.Tags()["histograms"]
 
 
-def test_nonfinite_gradients_are_counted_and_warned_about(tmp_path) -> None:
+def test_nonfinite_gradients_are_counted_and_warned_about(tmp_path, cpu_engine: str) -> None:
+    # with the torch engine, the histogram row is recounted with NaN/Inf masked and replaced
     model = make_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     with normlog.watch(model, str(tmp_path), optimizer=optimizer, histogram_every=1):

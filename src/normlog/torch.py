@@ -218,8 +218,9 @@ def _full_rows(
         rows_of_compiled = _compiled_rows([locals_[i] for i in compiled], bins)
         for i, row in zip(compiled, rows_of_compiled, strict=True):
             rows[i] = row
-    for i in sorted(set(whole) - set(compiled)):
-        rows[i] = _histogram_row(locals_[i], bins, mask_nonfinite)
+    for i in whole:
+        if rows[i] is None:
+            rows[i] = _histogram_row(locals_[i], bins, mask_nonfinite)
     for key in dict.fromkeys(g for g in groups if g):
         members = [i for i, g in enumerate(groups) if g == key]
         bounds = torch.stack([_negated_bounds(locals_[i], mask_nonfinite) for i in members])
@@ -583,15 +584,14 @@ class Watcher:
             infinite = table[:, 6] + table[:, 7]
             with np.errstate(invalid="ignore"):  # as torch's norm: NaN if any NaN, else Inf if any Inf
                 norms = np.where(table[:, 5] > 0, np.nan, np.where(infinite > 0, np.inf, np.sqrt(table[:, 3])))
-            rows = list(table) if pending.histograms else []
+            rows = table if pending.histograms else None
             update_norms = host[count * width :]
         else:
             width = 8 + self._bins
             norms = host[:count]
-            rows = (
-                [host[count + i * width : count + (i + 1) * width] for i in range(count)] if pending.histograms else []
-            )
-            update_norms = host[count + len(rows) * width :]
+            end = count + (count * width if pending.histograms else 0)
+            rows = host[count:end].reshape(count, width) if pending.histograms else None
+            update_norms = host[end:]
         step = pending.step
         scalars: list[tuple[str, float]] = []
         parameter_norms: dict[str, float] = {}
@@ -627,16 +627,16 @@ class Watcher:
                                 f"nonfinite:{kind}/{name}",
                                 f"normlog: {nonfinite} NaN/Inf values in the {kind} of {name!r} at step {step}",
                             )
-                    if rows and row is not None:
+                    if rows is not None and row is not None:
                         rows[index] = row
                 index += 1
             if kind == "gradients":
                 scalars.append(("gradients/global_norm", math.sqrt(squares)))
                 values.global_norm = math.sqrt(squares)
         histogram_rows = None
-        if rows:  # in the tensors' order, as the loop above went
+        if rows is not None:  # in the tensors' order, as the loop above went
             tags = [f"{kind}/{name}" for kind, names, _ in pending.groups for name in names]
-            histogram_rows = (tags, np.stack(rows), self._bins)
+            histogram_rows = (tags, rows, self._bins)
         if update_norms.size:
             for (name, _), update in zip(pending.updated, update_norms):
                 weight = parameter_norms.get(name, math.nan)

@@ -98,6 +98,80 @@ def test_an_episode_rearms_only_after_it_has_cleared() -> None:
     assert [s for s, f in enumerate(found) if f] == [0, 9]
 
 
+def resumable_run(steps: int) -> list[StepValues]:
+    """Every rule at work: a spike that stays elevated, a streak, a dead tensor, a stalled one,
+    a growing weight and a NaN episode, each crossing step 120 where the run is resumed."""
+    rng = np.random.default_rng(0)
+    run = []
+    for s in range(steps):
+        noise = float(rng.uniform(0.9, 1.1))
+        run.append(
+            StepValues(
+                s,
+                grad_norms={"early": 1e-5 * noise, "late": noise * (30.0 if 110 <= s < 125 else 1.0), "dead": 0.0},
+                weight_norms={"early": 1.0, "late": 1.0, "grows": 1.01**s},
+                update_ratios={"stuck": 1e-8 if s >= 118 else 1e-3, "fine": 1e-3 * noise},
+                grad_nonfinite={"late": 1.0} if s in (115, 130) else {},
+                global_norm=noise,
+            )
+        )
+    return run
+
+
+@pytest.mark.parametrize("codec", ["json", "pickle"])
+def test_a_resumed_monitor_finds_what_one_monitor_finds(codec: str) -> None:
+    import pickle
+
+    run = resumable_run(260)
+    whole = evaluate(run)
+    # what crosses the resume point at step 120: the open vanishing episode of "early", the
+    # exploding and nonfinite episodes of "late" (opened at 110 and 115; a second NaN at 130
+    # falls inside the episode), the stalled streak (from 118), the weight window of "grows"
+    # (diverging at 200) and the running medians
+    assert {(f.rule, f.tensor) for f in whole} >= {
+        ("vanishing", "early"),
+        ("exploding", "late"),
+        ("nonfinite", "late"),
+        ("dead", "dead"),
+        ("stalled", "stuck"),
+        ("diverging", "grows"),
+    }
+    first = Monitor()
+    for values in run[:120]:
+        first.observe(values)
+    state = first.state_dict()
+    encoded = json.loads(json.dumps(state)) if codec == "json" else pickle.loads(pickle.dumps(state))
+    resumed = Monitor()
+    resumed.load_state_dict(encoded)
+    later = [finding for values in run[120:] for finding in resumed.observe(values)]
+    assert later == [f for f in whole if f.step >= 120]
+    assert resumed.findings == whole
+    # without the state, a fresh monitor would report the open episodes again, too early
+    fresh = [finding for values in run[120:] for finding in Monitor().observe(values)]
+    assert fresh != later
+
+
+def test_a_vanishing_streak_that_spans_the_resume_point() -> None:
+    run = [
+        StepValues(s, grad_norms={"early": 1e-5, "late": 0.1}, weight_norms={"early": 1.0, "late": 1.0})
+        for s in range(60)
+    ]
+    first = Monitor()
+    for values in run[:30]:
+        first.observe(values)
+    resumed = Monitor()
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    found = [finding for values in run[30:] for finding in resumed.observe(values)]
+    assert [(f.rule, f.tensor, f.step) for f in found] == [("vanishing", "early", 49)]
+
+
+def test_a_state_from_another_version_is_refused() -> None:
+    state = Monitor().state_dict()
+    state["version"] = -1
+    with pytest.raises(ValueError, match="version"):
+        Monitor().load_state_dict(state)
+
+
 # -- report and plot ----------------------------------------------------------------------
 
 

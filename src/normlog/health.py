@@ -1,16 +1,16 @@
 """Training-health findings from the norms normlog logs: nonfinite, exploding, vanishing, dead,
 stalled and diverging.
 
-Rules: this module knows no framework. A `Monitor` sees one logged step at a time (gradient
-and weight norms, update ratios, NaN/Inf counts) and returns the findings that step starts.
-The adapters feed it online; `normlog report` feeds it the same numbers read back from event
-files, so both give the same findings. A finding is reported once per episode: it re-arms
-only after its condition has cleared.
+Rules: this module owns the rules, `Finding` and the `Monitor` state; it imports no framework.
+The adapters feed `Monitor.observe` online and `normlog report` feeds it the same numbers read
+back from event files, so both give the same findings. A finding is reported once per episode:
+it re-arms only after its condition has cleared.
 """
 
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import logging
 import math
 import warnings
@@ -23,6 +23,7 @@ __all__ = ["RULES", "Finding", "HealthWarning", "Monitor", "StepValues", "Thresh
 
 RULES = ("nonfinite", "exploding", "vanishing", "dead", "stalled", "diverging")
 GLOBAL = "global_norm"
+STATE_VERSION = 1  # of `Monitor.state_dict()`; raised when its layout changes
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,11 @@ class StepValues:
 
 
 class Monitor:
-    """Evaluates the rules over logged steps, in order; `observe` returns new findings."""
+    """Evaluates the rules over logged steps, in order; `observe` returns new findings.
+
+    Its whole memory (running medians, streaks, open episodes, weight windows) is in
+    `state_dict()`, so a resumed run goes on as if it had never stopped.
+    """
 
     def __init__(self, thresholds: Thresholds | None = None) -> None:
         self.thresholds = thresholds or Thresholds()
@@ -101,51 +106,70 @@ class Monitor:
         self._weights: dict[str, deque[float]] = {}
         self._rises: dict[str, deque[bool]] = {}  # whether each step in the window rose
         self._rise_counts: dict[str, int] = {}
+        self._found: list[Finding] = []  # this step's, while `observe` runs
+        self._step = 0
 
     def observe(self, values: StepValues) -> list[Finding]:
+        """The findings that this logged step starts, in rule order; each rule is one method."""
         # Runs on every logged step for every tensor, so messages are only formatted for a
         # finding, and running medians and counts are kept up to date instead of recomputed.
-        found: list[Finding] = []
-        t = self.thresholds
-        step = values.step
+        self._found, self._step = [], values.step
+        self._nonfinite(values)
+        self._exploding(values)
+        self._vanishing(values)
+        self._dead(values)
+        self._stalled(values)
+        self._diverging(values)
+        found, self._found = self._found, []
+        self.findings += found
+        return found
 
-        def starts(rule: str, tensor: str, fires: bool, kind: str = "gradients", holds: bool | None = None) -> bool:
-            """Whether `fires` starts an episode, which then lasts while `holds` (default:
-            `fires`) and ends after `rearm_steps` logged steps in a row without it."""
-            key = (rule, kind, tensor)
-            if key not in self._active:
-                if fires:
-                    self._active[key] = 0
-                return fires
-            if fires or (fires if holds is None else holds):
+    # -- episodes and streaks, shared by the rules -------------------------------------------
+
+    def _starts(self, rule: str, tensor: str, fires: bool, kind: str = "gradients", holds: bool | None = None) -> bool:
+        """Whether `fires` starts an episode, which then lasts while `holds` (default:
+        `fires`) and ends after `rearm_steps` logged steps in a row without it."""
+        key = (rule, kind, tensor)
+        if key not in self._active:
+            if fires:
                 self._active[key] = 0
-            else:
-                self._active[key] += 1
-                if self._active[key] >= t.rearm_steps:
-                    del self._active[key]
-            return False
+            return fires
+        if fires or (fires if holds is None else holds):
+            self._active[key] = 0
+        else:
+            self._active[key] += 1
+            if self._active[key] >= self.thresholds.rearm_steps:
+                del self._active[key]
+        return False
 
-        def report(rule: str, tensor: str, message: str, kind: str = "gradients") -> None:
-            found.append(Finding(rule, tensor, step, message, kind))
+    def _report(self, rule: str, tensor: str, message: str, kind: str = "gradients") -> None:
+        self._found.append(Finding(rule, tensor, self._step, message, kind))
 
-        def streak(rule: str, tensor: str, condition: bool) -> int:
-            count = self._streaks.get((rule, tensor), 0) + 1 if condition else 0
-            self._streaks[(rule, tensor)] = count
-            return count
+    def _streak(self, rule: str, tensor: str, condition: bool) -> int:
+        count = self._streaks.get((rule, tensor), 0) + 1 if condition else 0
+        self._streaks[(rule, tensor)] = count
+        return count
 
-        # nonfinite: a NaN/Inf count, or a norm that is itself NaN/Inf (logs without counts)
+    # -- the rules ---------------------------------------------------------------------------
+
+    def _nonfinite(self, values: StepValues) -> None:
+        """A NaN/Inf count, or a norm that is itself NaN/Inf (logs without counts)."""
+        step = values.step
         for kind, counts, norms in (
             ("gradients", values.grad_nonfinite, values.grad_norms),
             ("parameters", values.weight_nonfinite, values.weight_norms),
         ):
             for name, norm in norms.items():
                 count = counts.get(name, 0.0)
-                if starts("nonfinite", name, count > 0 or not math.isfinite(norm), kind):
+                if self._starts("nonfinite", name, count > 0 or not math.isfinite(norm), kind):
                     what = "gradient" if kind == "gradients" else "weight"
                     detail = f"{int(count)} NaN/Inf values" if count > 0 else f"norm {norm}"
-                    report("nonfinite", name, f"{what} of {name!r} holds NaN/Inf at step {step} ({detail})", kind)
+                    message = f"{what} of {name!r} holds NaN/Inf at step {step} ({detail})"
+                    self._report("nonfinite", name, message, kind)
 
-        # exploding: against the tensor's own running median, before this step joins it
+    def _exploding(self, values: StepValues) -> None:
+        """A gradient norm against its own running median, before this step joins it."""
+        t = self.thresholds
         norms = dict(values.grad_norms)
         if values.global_norm is not None:
             norms[GLOBAL] = values.global_norm
@@ -157,19 +181,21 @@ class Monitor:
             jump = median is not None and median > 0 and norm > t.explode_factor * median
             over = t.explode_bound is not None and norm > t.explode_bound
             elevated = median is not None and median > 0 and norm > 2 * median
-            if starts("exploding", name, jump or over, holds=elevated or over):
+            if self._starts("exploding", name, jump or over, holds=elevated or over):
                 reason = (
                     f"{norm:.3g} is {norm / median:.0f}x its running median {median:.3g}"
                     if jump and median
                     else f"{norm:.3g} is above the bound {t.explode_bound}"
                 )
-                report("exploding", name, f"gradient norm of {name!r} exploded at step {step}: {reason}")
+                self._report("exploding", name, f"gradient norm of {name!r} exploded at step {values.step}: {reason}")
             if len(history) == history.maxlen:
                 del ordered[bisect.bisect_left(ordered, history[0])]
             history.append(norm)
             bisect.insort(ordered, norm)
 
-        # vanishing: tiny relative to the weight, while a later tensor still learns
+    def _vanishing(self, values: StepValues) -> None:
+        """Tiny relative to the weight, while a later tensor still learns."""
+        t = self.thresholds
         ratios = [
             (name, values.grad_norms[name] / weight)
             for name, weight in values.weight_norms.items()
@@ -181,34 +207,40 @@ class Monitor:
             later = later or ratio >= t.vanish_ratio
         for (name, ratio), later_learn in zip(ratios, reversed(learns_after)):
             low = ratio < t.vanish_ratio
-            count = streak("vanishing", name, low and later_learn)
-            if starts("vanishing", name, count >= t.vanish_steps, holds=low):
-                report(
+            count = self._streak("vanishing", name, low and later_learn)
+            if self._starts("vanishing", name, count >= t.vanish_steps, holds=low):
+                self._report(
                     "vanishing",
                     name,
                     f"gradient of {name!r} vanishing: ‖grad‖/‖weight‖ = {ratio:.2g} < {t.vanish_ratio:g} "
-                    f"for {count} logged steps up to step {step}, while later layers still learn",
+                    f"for {count} logged steps up to step {values.step}, while later layers still learn",
                 )
 
-        # dead: exactly zero
+    def _dead(self, values: StepValues) -> None:
+        """A gradient norm of exactly zero."""
         for name, norm in values.grad_norms.items():
-            count = streak("dead", name, norm == 0.0)
-            if starts("dead", name, count >= t.dead_steps):
-                report("dead", name, f"gradient of {name!r} is exactly 0 for {count} logged steps up to step {step}")
+            count = self._streak("dead", name, norm == 0.0)
+            if self._starts("dead", name, count >= self.thresholds.dead_steps):
+                message = f"gradient of {name!r} is exactly 0 for {count} logged steps up to step {values.step}"
+                self._report("dead", name, message)
 
-        # stalled: updates too small to change the weights
+    def _stalled(self, values: StepValues) -> None:
+        """Updates too small to change the weights."""
+        t = self.thresholds
         for name, ratio in values.update_ratios.items():
-            count = streak("stalled", name, math.isfinite(ratio) and ratio < t.stall_ratio)
-            if starts("stalled", name, count >= t.stall_steps, "parameters"):
-                report(
+            count = self._streak("stalled", name, math.isfinite(ratio) and ratio < t.stall_ratio)
+            if self._starts("stalled", name, count >= t.stall_steps, "parameters"):
+                self._report(
                     "stalled",
                     name,
                     f"updates of {name!r} stalled: ‖Δw‖/‖w‖ = {ratio:.2g} < {t.stall_ratio:g} "
-                    f"for {count} logged updates up to step {step}",
+                    f"for {count} logged updates up to step {values.step}",
                     "parameters",
                 )
 
-        # diverging: steady growth of a weight norm
+    def _diverging(self, values: StepValues) -> None:
+        """Steady growth of a weight norm."""
+        t = self.thresholds
         for name, norm in values.weight_norms.items():
             if not math.isfinite(norm):
                 continue
@@ -226,17 +258,62 @@ class Monitor:
                 and window[-1] >= t.diverge_growth * window[0]
                 and self._rise_counts[name] >= t.diverge_rising * t.diverge_window
             )
-            if starts("diverging", name, growing, "parameters"):
-                report(
+            if self._starts("diverging", name, growing, "parameters"):
+                self._report(
                     "diverging",
                     name,
                     f"weight norm of {name!r} diverging: {window[0]:.3g} -> {norm:.3g} over the last "
-                    f"{t.diverge_window} logged steps up to step {step}",
+                    f"{t.diverge_window} logged steps up to step {values.step}",
                     "parameters",
                 )
 
-        self.findings += found
-        return found
+    # -- resuming ----------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything the rules remember, as plain lists, dicts, numbers and strings (it
+        pickles and goes through `json.dumps`), to save beside a training checkpoint.
+
+        Example:
+            >>> monitor = Monitor()
+            >>> _ = monitor.observe(StepValues(0, grad_norms={"w": 1.0}))
+            >>> resumed = Monitor()
+            >>> resumed.load_state_dict(monitor.state_dict())
+        """
+        return {
+            "version": STATE_VERSION,
+            "findings": [dataclasses.asdict(finding) for finding in self.findings],
+            "active": [[*key, clean] for key, clean in self._active.items()],
+            "streaks": [[rule, tensor, count] for (rule, tensor), count in self._streaks.items()],
+            "grad_history": {name: list(history) for name, (history, _) in self._history.items()},
+            "weight_windows": {name: list(window) for name, window in self._weights.items()},
+            "weight_rises": {name: [int(rose) for rose in rises] for name, rises in self._rises.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores what `state_dict` saved; the thresholds stay this monitor's own.
+
+        Raises:
+            ValueError: `state` was saved by an incompatible version of these rules.
+        """
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"a Monitor state of version {state.get('version')!r}; this one reads {STATE_VERSION}")
+        t = self.thresholds
+        self.findings = [Finding(**finding) for finding in state["findings"]]
+        self._active = {(rule, kind, tensor): int(clean) for rule, kind, tensor, clean in state["active"]}
+        self._streaks = {(rule, tensor): int(count) for rule, tensor, count in state["streaks"]}
+        self._history = {}
+        for name, norms in state["grad_history"].items():
+            history = deque((float(norm) for norm in norms), maxlen=t.median_window)
+            self._history[name] = (history, sorted(history))
+        self._weights = {
+            name: deque((float(norm) for norm in window), maxlen=t.diverge_window + 1)
+            for name, window in state["weight_windows"].items()
+        }
+        self._rises = {
+            name: deque((bool(rose) for rose in rises), maxlen=t.diverge_window)
+            for name, rises in state["weight_rises"].items()
+        }
+        self._rise_counts = {name: sum(rises) for name, rises in self._rises.items()}
 
 
 def _median(ordered: list[float]) -> float:

@@ -5,7 +5,7 @@ elements in 106 tensors), each pass that `normlog.torch._histogram_row` makes in
 ops; the whole row in torch ops; the rows of all tensors in one compiled call
 (normlog._numba, with numba installed), and each of its two passes; and the other ways to
 count that were measured and rejected. With --gpu, the GPU model, and the Triton launches
-of normlog._triton. Prints nanoseconds per element (the median of `--repeat` runs over all
+of normlog.torch._triton. Prints nanoseconds per element (the median of `--repeat` runs over all
 tensors).
 
     python benchmarks/histogram_passes.py          # CPU config of bench_torch.py
@@ -33,11 +33,11 @@ from normlog.torch import _histogram_row
 
 def torch_row(tensor: torch.Tensor, bins: int, mask_nonfinite: bool) -> torch.Tensor:
     """_histogram_row without the compiled CPU kernel: the torch ops alone."""
-    compiled, normlog.torch._numba = normlog.torch._numba, lambda: None  # type: ignore[method-assign]
+    compiled, normlog.torch._engines.numba_kernel = normlog.torch._engines.numba_kernel, lambda: None  # type: ignore[method-assign]
     try:
         return _histogram_row(tensor, bins, mask_nonfinite)
     finally:
-        normlog.torch._numba = compiled  # type: ignore[method-assign]
+        normlog.torch._engines.numba_kernel = compiled  # type: ignore[method-assign]
 
 
 BINS = 30
@@ -94,7 +94,7 @@ def main() -> None:
             lambda k: torch.histogram(tensors[k], BINS, range=(float(bounds[k][0]), float(bounds[k][1])))
         ),
     }
-    if not args.gpu and normlog.torch._numba() is not None:
+    if not args.gpu and normlog.torch._engines.numba_kernel() is not None:
         from normlog import _numba
 
         arrays = [t.numpy() for t in tensors]
@@ -106,10 +106,10 @@ def main() -> None:
         passes["compiled, its first pass: min and max"] = blocks.bounds
         passes["compiled, its second pass: counts and sums"] = lambda: blocks.fill(low, width, ones, ones > 0, BINS)
     if args.gpu:
-        from normlog import _triton
+        from normlog.torch import _triton
 
         del passes["rejected: bincount in 2 threads"], passes["rejected: torch.histogram on float32"]
-        passes["all rows in one Triton pair of launches (normlog._triton)"] = lambda: _triton.stats_rows(tensors, BINS)
+        passes["all rows in one Triton pair of launches (normlog.torch._triton)"] = lambda: _triton.stats_rows(tensors, BINS)
         passes["all norms and NaN/Inf counts in one Triton launch"] = lambda: _triton.stats_rows(tensors, 0)
         passes["torch._foreach_norm, for comparison"] = lambda: torch._foreach_norm(tensors)
     where = torch.cuda.get_device_name() if args.gpu else f"{torch.get_num_threads()} threads"

@@ -54,3 +54,10 @@ def assert_same_histogram(got: Any, expected: Any) -> None:
     np.testing.assert_array_equal(got.counts, expected.counts)
     fields = ("min", "max", "num", "nan", "posinf", "neginf")
     assert [getattr(got, f) for f in fields] == [getattr(expected, f) for f in fields]
+
+
+def row_histogram(row: Any, bins: int) -> Any:
+    """The normlog.Histogram an adapter's row describes (`normlog._rows`)."""
+    from normlog import _rows
+
+    return _rows.histograms(np.asarray(row, dtype=np.float64)[None], bins)[0]

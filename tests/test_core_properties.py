@@ -129,11 +129,11 @@ def test_non_real_input_is_the_only_thing_that_raises_and_it_is_a_type_error(val
             function(values)
 
 
-def row(hist: normlog.Histogram, bins: int) -> list[float]:
-    """The row an adapter hands over for `hist` (see normlog._core._histogram_from_row)."""
-    head = [hist.min, hist.max, hist.sum, hist.sum_squares, hist.num, hist.nan, hist.posinf, hist.neginf]
-    counts = hist.counts if hist.counts.size == bins else np.zeros(bins)  # constant: one bucket
-    return [*head, *counts]
+def row(hist: normlog.Histogram, bins: int) -> np.ndarray:
+    """The row an adapter hands over for `hist` (see normlog._rows)."""
+    from normlog import _rows
+
+    return _rows.from_histogram(hist, bins)
 
 
 @settings(deadline=None)
@@ -141,10 +141,10 @@ def row(hist: normlog.Histogram, bins: int) -> list[float]:
 def test_histograms_from_many_rows_equal_the_histogram_of_each(parts, bins) -> None:
     # adapters hand over one row per tensor and convert them all at once; the edges of the
     # batch must be those the core gives each tensor alone, to the last bit
-    from normlog._core import _histograms_from_rows
+    from normlog._rows import histograms
 
     alone = [normlog.histogram(part, bins) for part in parts]
-    batch = _histograms_from_rows(np.array([row(hist, bins) for hist in alone]), bins)
+    batch = histograms(np.array([row(hist, bins) for hist in alone]), bins)
     for got, expected in zip(batch, alone):
         np.testing.assert_array_equal(got.edges, expected.edges)
         np.testing.assert_array_equal(got.counts, expected.counts)
@@ -155,10 +155,10 @@ def test_histograms_from_many_rows_equal_the_histogram_of_each(parts, bins) -> N
 def test_rows_encode_to_the_bytes_of_their_histograms(parts, bins) -> None:
     # the writer packs the rows of a logged step without making Histogram objects; each
     # value must be the bytes it writes for that row's Histogram
-    from normlog._core import _histograms_from_rows
-    from normlog.writer import _encode_histogram_rows, _encode_summary
+    from normlog._proto import encode_histogram_rows, encode_summary
+    from normlog._rows import HistogramRows, histograms
 
     rows = np.array([row(normlog.histogram(part, bins), bins) for part in parts])
     tags = [f"gradients/layer{i}" for i in range(len(parts))]
-    expected = [_encode_summary([], [(tag, h)]) for tag, h in zip(tags, _histograms_from_rows(rows, bins))]
-    assert _encode_histogram_rows(tags, rows, bins) == expected
+    expected = [encode_summary([], [(tag, h)]) for tag, h in zip(tags, histograms(rows, bins))]
+    assert encode_histogram_rows(HistogramRows(tags, rows, bins)) == expected

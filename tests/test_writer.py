@@ -312,11 +312,11 @@ def test_importing_normlog_and_logging_numpy_imports_no_framework(tmp_path) -> N
 
 
 def test_the_hand_encoded_event_parses_to_the_protobuf_one() -> None:
-    # Writer._summary encodes events field by field; protobuf must read back exactly what
+    # normlog._proto encodes events field by field; protobuf must read back exactly what
     # tensorboardX's own objects would have held
     from tensorboardX.proto import event_pb2, summary_pb2
 
-    from normlog.writer import _encode_event, _encode_summary, _proto_buckets
+    from normlog._proto import encode_event, encode_summary, proto_buckets
 
     # field lengths of one, two (64 buckets) and three (1100 buckets) varint bytes
     tagged = [
@@ -327,10 +327,10 @@ def test_the_hand_encoded_event_parses_to_the_protobuf_one() -> None:
     ]
     scalars = [("loss", 0.25), ("grad/ü tag", float("nan")), ("big", 1e39), ("count", 7)]
     for step in (0, 3, -2, 2**62):
-        encoded = _encode_event(1700000000.5, step, _encode_summary(scalars, tagged))
+        encoded = encode_event(1700000000.5, step, encode_summary(scalars, tagged))
         values = [summary_pb2.Summary.Value(tag=_clean(tag), simple_value=value) for tag, value in scalars]
         for tag, hist in tagged:
-            limits, counts = _proto_buckets(hist)
+            limits, counts = proto_buckets(hist)
             proto = summary_pb2.HistogramProto(
                 min=hist.min, max=hist.max, num=hist.num, sum=hist.sum, sum_squares=hist.sum_squares,
                 bucket_limit=limits.tolist(), bucket=counts.tolist(),

@@ -290,11 +290,11 @@ def _check_bins(bins: Bins) -> int | np.ndarray:
     return edges
 
 
-def _range_scale(count: int, lo: Any, hi: Any) -> np.ndarray:
+def range_scale(count: int, lo: Any, hi: Any) -> np.ndarray:
     """The power of two (so scaling is exact) that values and bounds are multiplied by
     before binning: 0.5 for a range wider than the largest double, 2**600 for a width
-    that would underflow, else 1. Elementwise over arrays of bounds too: the rows of
-    adapters and compiled kernels use the same rule."""
+    that would underflow, else 1. Elementwise over arrays of bounds too: every engine's
+    rows use this rule (through `normlog._rows`), and it is part of the core's spec."""
     with np.errstate(over="ignore", invalid="ignore"):
         extent = np.subtract(hi, lo, dtype=np.float64)
         return np.where(~np.isfinite(extent), 0.5, np.where(extent / count < np.finfo(np.float64).tiny, 2.0**600, 1.0))
@@ -302,7 +302,7 @@ def _range_scale(count: int, lo: Any, hi: Any) -> np.ndarray:
 
 def _equal_width_rule(count: int, lo: float, hi: float) -> tuple[np.ndarray, _BucketIndex]:
     """Edges and bucket index of `tf.summary.histogram`: floor((x - lo) / width), in float64."""
-    scale = float(_range_scale(count, lo, hi))
+    scale = float(range_scale(count, lo, hi))
     lo_s, hi_s = lo * scale, hi * scale
     width = (hi_s - lo_s) / count
     with np.errstate(over="ignore"):  # linspace's intermediate near DBL_MAX; its edges are right
@@ -316,7 +316,7 @@ def _equal_width_rule(count: int, lo: float, hi: float) -> tuple[np.ndarray, _Bu
     return edges, index
 
 
-def _binning(
+def binning(
     rule: int | np.ndarray, finite: int, lo: float, hi: float, ranged: bool
 ) -> tuple[np.ndarray, _BucketIndex | None]:
     """Edges, and the function from finite values to bucket indices (None: all in the last)."""
@@ -348,7 +348,7 @@ def histogram(values: Any, bins: Bins = 30, range: tuple[float, float] | None = 
     if range is not None and not (math.isfinite(lo) and math.isfinite(hi) and lo <= hi):
         raise ValueError(f"range must be two finite numbers with min <= max; got {range}")
 
-    edges, index = _binning(rule, stats.finite, lo, hi, range is not None)
+    edges, index = binning(rule, stats.finite, lo, hi, range is not None)
     buckets = edges.size - 1
     counts = np.zeros(buckets, dtype=np.int64)
     if index is None:
@@ -371,58 +371,3 @@ def histogram(values: Any, bins: Bins = 30, range: tuple[float, float] | None = 
         posinf=stats.posinf,
         neginf=stats.neginf,
     )
-
-
-def _histogram_from_row(row: np.ndarray, bins: int) -> Histogram:
-    """The Histogram an adapter reduced on its device, as one row of float64:
-    [min, max, sum, sum_squares, finite, nan, posinf, neginf, counts...], where min and max
-    are those of the finite values and counts follow this module's equal-width rule."""
-    return _histograms_from_rows(np.asarray(row)[None], bins)[0]
-
-
-def _ordinary_edges(rows: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray]:
-    """Which rows (float64, see `_histogram_from_row`) are ordinary: finite values over a
-    range whose width is a normal double; and the edges of those, [ordinary rows, bins + 1],
-    from one linspace over all of them, which does each row's arithmetic exactly as a
-    linspace of that row alone. As TensorBoard does, each range ends exactly at min and max."""
-    lo, hi, finite = rows[:, 0], rows[:, 1], rows[:, 4]
-    ordinary = (finite > 0) & (hi > lo) & (_range_scale(bins, lo, hi) == 1.0)
-    with np.errstate(over="ignore"):  # linspace's intermediate near DBL_MAX, as in _equal_width_rule
-        edges = np.linspace(lo[ordinary], hi[ordinary], bins + 1, axis=1)
-    edges[:, 0], edges[:, -1] = lo[ordinary], hi[ordinary]
-    return ordinary, edges
-
-
-def _histograms_from_rows(rows: np.ndarray, bins: int) -> list[Histogram]:
-    """`_histogram_from_row` of each row of a [tensors, 8 + bins] array, the edges of the
-    ordinary ones computed together (`_ordinary_edges`): adapters convert hundreds of rows
-    per logged step."""
-    rows = np.asarray(rows, dtype=np.float64)
-    ordinary, ordinary_edges = _ordinary_edges(rows, bins)
-    edges = iter(ordinary_edges)
-    histograms = []
-    for row, regular in zip(rows, ordinary):
-        low, high, total, sum_squares, count, nan, posinf, neginf = (float(v) for v in row[:8])
-        counts = row[8:]
-        if regular:
-            row_edges = next(edges)
-        else:  # constant, empty, or a range past the doubles' limits: the per-value rule
-            row_edges, index = _binning(bins, int(count), low, high, False)
-            if index is None:  # constant or empty: the one bucket [c, c], or empty buckets at 0
-                counts = np.zeros(row_edges.size - 1)
-                counts[-1] = count
-        histograms.append(
-            Histogram(
-                edges=row_edges,
-                counts=counts,
-                min=low,
-                max=high,
-                num=int(count),
-                sum=total,
-                sum_squares=sum_squares,
-                nan=int(nan),
-                posinf=int(posinf),
-                neginf=int(neginf),
-            )
-        )
-    return histograms

@@ -8,6 +8,7 @@ the last whole record, so the file stays readable; its events are counted as los
 warning says so, and writing resumes by itself once the disk takes data again. Past
 `max_pending` bytes waiting for a stuck disk, new events are dropped and counted, so memory
 stays bounded. Open files are closed at interpreter exit and on SIGTERM.
+`check_event_file` checks, record by record, the framing that `_record` writes.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Any
 
 import crc32c
 
-__all__ = ["EventFile"]
+__all__ = ["EventFile", "check_event_file"]
 
 _OPEN: weakref.WeakSet[EventFile] = weakref.WeakSet()
 
@@ -41,6 +42,43 @@ def _record(data: bytes) -> bytes:
     """One TFRecord: length, its masked CRC32C, the data, its masked CRC32C."""
     header = struct.pack("<Q", len(data))
     return header + _masked_crc(header) + data + _masked_crc(data)
+
+
+def check_event_file(path: str) -> str | None:
+    """What is wrong with an event file, or None: each TFRecord's length and data must
+    match their masked CRC32C, and the first record must be an Event with a file version.
+    TensorBoard's reader stops at the first bad record; this says where and why."""
+    from normlog._proto import tensorboardx
+
+    try:
+        with open(path, "rb") as file:  # record by record: event files can be large
+            offset = records = 0
+            while header := file.read(12):
+                if len(header) < 12:
+                    return f"ends in a cut-off record after {records} whole records (byte {offset})"
+                if header[8:] != _masked_crc(header[:8]):
+                    if records == 0:
+                        return "is not a TensorBoard event file (its first record is not a TFRecord)"
+                    return f"has a corrupt record (length CRC mismatch) after {records} whole records (byte {offset})"
+                (length,) = struct.unpack("<Q", header[:8])
+                body = file.read(length + 4)
+                if len(body) < length + 4:
+                    return f"ends in a cut-off record after {records} whole records (byte {offset})"
+                data = body[:length]
+                if body[length:] != _masked_crc(data):
+                    return f"has a corrupt record (data CRC mismatch) after {records} whole records (byte {offset})"
+                if records == 0:
+                    event = tensorboardx().proto.event_pb2.Event()
+                    try:
+                        event.ParseFromString(data)
+                    except Exception:
+                        event.Clear()
+                    if not event.file_version:
+                        return "is not a TensorBoard event file (its first record is not a file-version Event)"
+                offset, records = offset + 12 + length + 4, records + 1
+    except OSError as error:
+        return f"cannot be read ({error.strerror})"
+    return None if records else "is empty (a writer that has not written yet?)"
 
 
 class EventFile:

@@ -1,10 +1,11 @@
 """Histogram rows of many CPU arrays at once, in two compiled passes (numba) over their
 memory, each split among numba's threads.
 
-Rules: a row is `normlog.torch._histogram_row(..., mask_nonfinite=True)`'s: [min, max,
+Rules: numpy and numba only, no framework. A row is `normlog._rows`' layout, [min, max,
 sum, sum_squares, finite, nan, posinf, neginf, counts...] in float64, with NaN and Inf
-counted, never binned. The bucket of x is the core's floor((x * scale - min * scale) /
-width) in float64, scale being the core's power of two (`_core._range_scale`). float32 and
+counted, never binned; its spec is the core (`normlog.histogram`). The bucket of x is the
+core's floor((x * scale - min * scale) / width) in float64, scale being the core's power
+of two (`_rows.range_scale`). float32 and
 float64 arrays only; each kernel is compiled once per dtype and cached on disk. All the
 arrays of a call are cut into blocks of `_BLOCK` values; the threads take whole blocks, and
 each block's counts and sums are added up in block order, so a row does not depend on how
@@ -23,7 +24,7 @@ from numba import types
 from numba.extending import intrinsic
 from numba.np.numpy_support import carray
 
-from normlog._core import _range_scale
+from normlog import _rows
 
 __all__ = ["rows"]
 
@@ -198,7 +199,7 @@ def _fill_blocks(
 
 def rows(arrays: Sequence[np.ndarray], bins: int) -> np.ndarray:
     """The rows of float32 and float64 arrays, one per array (see the module's rules)."""
-    out = np.zeros((len(arrays), 8 + bins))
+    out = np.zeros((len(arrays), _rows.width(bins)))
     flat = [np.ascontiguousarray(a).reshape(-1) for a in arrays]  # held until the kernels are done
     if any(a.dtype not in _KEYS for a in flat):
         raise TypeError(f"rows of float32 and float64 arrays only; got {sorted({str(a.dtype) for a in flat})}")
@@ -258,7 +259,7 @@ class _Blocks:
 
 
 def _rows_of_one_dtype(arrays: list[np.ndarray], bins: int) -> np.ndarray:
-    out = np.zeros((len(arrays), 8 + bins))
+    out = np.zeros((len(arrays), _rows.width(bins)))
     blocks = _Blocks.of(arrays)
     if not blocks.array.size:
         return out
@@ -267,12 +268,14 @@ def _rows_of_one_dtype(arrays: list[np.ndarray], bins: int) -> np.ndarray:
     finite = np.isfinite(lo) & np.isfinite(hi)
     for a in np.flatnonzero(blocks.nonempty & ~finite):  # NaN or Inf: the bounds of the finite values
         lo[a], hi[a], nan, posinf, neginf = _nonfinite(arrays[a])
-        out[a, 5:8] = nan, posinf, neginf
-    out[:, 4] = [a.size for a in arrays] - out[:, 5:8].sum(axis=1)
-    counted = out[:, 4] > 0
-    scale = np.where(counted, _range_scale(bins, lo, hi), 1.0)
+        out[a, _rows.NONFINITE] = nan, posinf, neginf
+    out[:, _rows.FINITE] = [a.size for a in arrays] - _rows.nonfinite(out)
+    counted = out[:, _rows.FINITE] > 0
+    scale = np.where(counted, _rows.range_scale(bins, lo, hi), 1.0)
     low, high = lo * scale, hi * scale
     width = np.where(high > low, (high - low) / bins, 1.0) * counted  # 0: nothing to count
-    out[blocks.nonempty, 8:], out[blocks.nonempty, 2:4] = blocks.fill(low, width, scale, finite, bins)
-    out[counted, 0], out[counted, 1] = lo[counted], hi[counted]
+    counts, sums = blocks.fill(low, width, scale, finite, bins)
+    out[blocks.nonempty, _rows.COUNTS] = counts
+    out[blocks.nonempty, _rows.SUM], out[blocks.nonempty, _rows.SUM_SQUARES] = sums.T
+    out[counted, _rows.MIN], out[counted, _rows.MAX] = lo[counted], hi[counted]
     return out

@@ -13,13 +13,14 @@ import json
 import math
 import os
 import statistics
-import struct
 import sys
 import types
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from normlog._eventfile import check_event_file
+from normlog._step import parse_tag
 from normlog.health import RULES, Finding, StepValues, evaluate
 
 __all__ = ["Run", "check_event_file", "load_runs", "main", "plot_gradient_norms"]
@@ -81,69 +82,33 @@ def _load_run(directory: str, name: str) -> Run:
         return per_step.setdefault(step, StepValues(step))
 
     fields = {
-        ("gradients", "/norm"): "grad_norms",
-        ("parameters", "/norm"): "weight_norms",
-        ("updates", "/ratio"): "update_ratios",
-        ("gradients", "/nonfinite"): "grad_nonfinite",
-        ("parameters", "/nonfinite"): "weight_nonfinite",
+        ("gradients", "norm"): "grad_norms",
+        ("parameters", "norm"): "weight_norms",
+        ("parameters", "ratio"): "update_ratios",
+        ("gradients", "nonfinite"): "grad_nonfinite",
+        ("parameters", "nonfinite"): "weight_nonfinite",
     }
     for tag in accumulator.Tags().get("scalars", []):
-        if tag == "gradients/global_norm":
+        parsed = parse_tag(tag)
+        if parsed is None:
+            continue
+        if parsed.statistic == "global_norm":
             for event in accumulator.Scalars(tag):
                 at(event.step).global_norm = event.value
             continue
-        kind, _, rest = tag.partition("/")
-        for (prefix, suffix), field_name in fields.items():
-            if kind == prefix and rest.endswith(suffix):
-                tensor = rest[: -len(suffix)]
-                if field_name in ("grad_norms", "weight_norms") and tensor not in tensors:
-                    tensors.append(tensor)
-                for event in accumulator.Scalars(tag):
-                    getattr(at(event.step), field_name)[tensor] = event.value
-                break
+        field_name = fields.get((parsed.kind, parsed.statistic))
+        if field_name is None:
+            continue
+        tensor = parsed.name
+        if field_name in ("grad_norms", "weight_norms") and tensor not in tensors:
+            tensors.append(tensor)
+        for event in accumulator.Scalars(tag):
+            getattr(at(event.step), field_name)[tensor] = event.value
     steps = [per_step[s] for s in sorted(per_step)]
     for values in steps:  # the model's order, as the adapters logged them
         values.grad_norms = {t: values.grad_norms[t] for t in tensors if t in values.grad_norms}
         values.weight_norms = {t: values.weight_norms[t] for t in tensors if t in values.weight_norms}
     return Run(name, steps, tensors, evaluate(steps))
-
-
-def check_event_file(path: str) -> str | None:
-    """What is wrong with an event file, or None: each TFRecord's length and data must
-    match their masked CRC32C, and the first record must be an Event with a file version.
-    TensorBoard's reader stops at the first bad record; this says where and why."""
-    from normlog._eventfile import _masked_crc
-    from normlog.writer import _tensorboardx
-
-    try:
-        with open(path, "rb") as file:  # record by record: event files can be large
-            offset = records = 0
-            while header := file.read(12):
-                if len(header) < 12:
-                    return f"ends in a cut-off record after {records} whole records (byte {offset})"
-                if header[8:] != _masked_crc(header[:8]):
-                    if records == 0:
-                        return "is not a TensorBoard event file (its first record is not a TFRecord)"
-                    return f"has a corrupt record (length CRC mismatch) after {records} whole records (byte {offset})"
-                (length,) = struct.unpack("<Q", header[:8])
-                body = file.read(length + 4)
-                if len(body) < length + 4:
-                    return f"ends in a cut-off record after {records} whole records (byte {offset})"
-                data = body[:length]
-                if body[length:] != _masked_crc(data):
-                    return f"has a corrupt record (data CRC mismatch) after {records} whole records (byte {offset})"
-                if records == 0:
-                    event = _tensorboardx().proto.event_pb2.Event()
-                    try:
-                        event.ParseFromString(data)
-                    except Exception:
-                        event.Clear()
-                    if not event.file_version:
-                        return "is not a TensorBoard event file (its first record is not a file-version Event)"
-                offset, records = offset + 12 + length + 4, records + 1
-    except OSError as error:
-        return f"cannot be read ({error.strerror})"
-    return None if records else "is empty (a writer that has not written yet?)"
 
 
 def load_runs(logdir: str) -> tuple[list[Run], list[str]]:

@@ -1,10 +1,9 @@
-"""Keras adapter: `watch(model)` is a callback that logs the gradients each training step used.
+"""The Keras `Watcher` callback: wraps the optimizer's `apply`, and writes each logged step.
 
 Rules: gradients are caught in the optimizer's `apply`, wrapped on the optimizer instance:
 the one point that `fit`'s train step and custom `apply_gradients` loops both pass. With
-the TensorFlow backend the statistics are computed inside the traced step (no py_function)
-into tf.Variables that neither model nor optimizer tracks, and reach the host only on
-logged steps. Histograms use the core's bucket rule in float64, so they equal the core's.
+the TensorFlow backend the statistics are computed inside the traced step (`_graph`) and
+reach the host as one small vector per batch; what a step writes is `normlog._step`'s.
 """
 
 from __future__ import annotations
@@ -20,13 +19,19 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from normlog import _rows
+from normlog._step import LOSS_SCALE, Group, Recorder, Updates
 from normlog._watching import Guard, check_options
-from normlog.health import Finding, Monitor, StepValues, Thresholds, announce
+from normlog.health import Finding, Monitor, Thresholds
+from normlog.keras._graph import State, histogram_row, nonfinite, norm
 from normlog.writer import Writer
 
-__all__ = ["Watcher", "watch"]
+__all__ = ["Watcher", "unwatch", "watch"]
 
 Log = Literal["gradients", "parameters", "all"]
+
+# model -> its Watcher; weak so that watching never keeps a model alive.
+_WATCHERS: weakref.WeakKeyDictionary[Any, Watcher] = weakref.WeakKeyDictionary()
 
 
 def _check_backend() -> None:
@@ -36,38 +41,6 @@ def _check_backend() -> None:
             f"normlog.keras supports Keras 3 with the TensorFlow backend; this process uses {backend!r}. "
             "Set KERAS_BACKEND=tensorflow, or log with normlog.Writer from your own loop."
         )
-
-
-def _histogram_row(values: tf.Tensor, bins: int) -> tf.Tensor:
-    """[min, max, sum, sum_squares, finite, nan, posinf, neginf, counts...] in float64, with
-    the core's rule: floor((x - min) / width) over the finite values, clamped to the last
-    bucket. Static shapes only (no boolean masks), so XLA can compile it."""
-    x = tf.reshape(tf.cast(values, tf.float64), [-1])
-    finite = tf.math.is_finite(x)
-    count = tf.reduce_sum(tf.cast(finite, tf.float64))
-    nan = tf.reduce_sum(tf.cast(tf.math.is_nan(x), tf.float64))
-    posinf = tf.reduce_sum(tf.cast(tf.equal(x, math.inf), tf.float64))
-    neginf = tf.reduce_sum(tf.cast(tf.equal(x, -math.inf), tf.float64))
-    zeroed = tf.where(finite, x, tf.zeros_like(x))
-    lo = tf.where(count > 0, tf.reduce_min(tf.where(finite, x, math.inf)), 0.0)
-    hi = tf.where(count > 0, tf.reduce_max(tf.where(finite, x, -math.inf)), 0.0)
-    width = tf.where(hi > lo, (hi - lo) / bins, 1.0)
-    index = tf.cast(tf.floor((zeroed - lo) / width), tf.int32)
-    # non-finite values go to an extra bucket that is dropped
-    index = tf.where(finite, tf.clip_by_value(index, 0, bins - 1), bins)
-    counts = tf.math.unsorted_segment_sum(tf.ones_like(x), index, bins + 1)[:bins]
-    head = tf.stack([lo, hi, tf.reduce_sum(zeroed), tf.reduce_sum(zeroed * zeroed), count, nan, posinf, neginf])
-    return tf.concat([head, counts], 0)
-
-
-def _norm(values: tf.Tensor) -> tf.Tensor:
-    # float32 accumulation as tf.norm does, reported as float64
-    as_float = tf.cast(values, tf.float32) if values.dtype != tf.float64 else values
-    return tf.cast(tf.sqrt(tf.reduce_sum(tf.square(as_float))), tf.float64)
-
-
-def _nonfinite(values: tf.Tensor) -> tf.Tensor:
-    return tf.reduce_sum(tf.cast(tf.logical_not(tf.math.is_finite(values)), tf.float64))
 
 
 class Watcher(keras.callbacks.Callback):  # type: ignore[misc]
@@ -102,10 +75,10 @@ class Watcher(keras.callbacks.Callback):  # type: ignore[misc]
         self._bins = bins
         self._guard = Guard(strict)
         self._wrapped: list[keras.optimizers.Optimizer] = []
-        self._state: _State | None = None
+        self._state: State | None = None
         self._written = {"stats": -1, "histograms": -1, "updates": -1}
-        self._monitor = Monitor(health if isinstance(health, Thresholds) else None) if health else None
-        self._health_via = health_via
+        monitor = Monitor(health if isinstance(health, Thresholds) else None) if health else None
+        self._recorder = Recorder(writer, self._guard, bins, monitor, health_via)
         self._wrap(optimizer if optimizer is not None else getattr(model, "optimizer", None))
 
     @property
@@ -186,30 +159,34 @@ class Watcher(keras.callbacks.Callback):  # type: ignore[misc]
         dense = [(tf.convert_to_tensor(g), v) for g, v in pairs if id(v) in index]
         grad_of = {id(v): g for g, v in dense}
         missing = tf.constant(math.nan, tf.float64)
-        norms, nonfinite = [], []
+        grad_norms, grad_nonfinite = [], []
         for variable in state.variables:
             grad = grad_of.get(id(variable))
-            norms.append(missing if grad is None else _norm(grad) / scale)
-            nonfinite.append(missing if grad is None else _nonfinite(grad))
+            grad_norms.append(missing if grad is None else norm(grad) / scale)
+            grad_nonfinite.append(missing if grad is None else nonfinite(grad))
         count = len(state.variables)
-        weight_norms = (
-            tf.stack([_norm(tf.convert_to_tensor(v)) for v in state.variables])
-            if self._log_parameters
-            else tf.zeros([count], tf.float64)
-        )
+        if self._log_parameters:
+            weights = [tf.convert_to_tensor(v) for v in state.variables]
+            weight_norms, weight_nonfinite = (
+                tf.stack([norm(w) for w in weights]),
+                tf.stack([nonfinite(w) for w in weights]),
+            )
+        else:
+            weight_norms = weight_nonfinite = tf.zeros([count], tf.float64)
 
         if self._histogram_every is not None:
 
             def histograms() -> tf.Tensor:
                 rows = []
-                for variable in state.variables:
-                    grad = grad_of.get(id(variable))
-                    if grad is None:  # no gradient this step: a row of NaN, skipped on the host
-                        rows.append(tf.fill([8 + self._bins], missing))
-                    else:
-                        rows.append(_histogram_row(grad / tf.cast(scale, grad.dtype), self._bins))
+                if self._log_gradients:
+                    for variable in state.variables:
+                        grad = grad_of.get(id(variable))
+                        if grad is None:  # no gradient this step: a row of NaN, skipped on the host
+                            rows.append(tf.fill([_rows.width(self._bins)], missing))
+                        else:
+                            rows.append(histogram_row(grad / tf.cast(scale, grad.dtype), self._bins))
                 if self._log_parameters:
-                    rows += [_histogram_row(tf.convert_to_tensor(v), self._bins) for v in state.variables]
+                    rows += [histogram_row(tf.convert_to_tensor(v), self._bins) for v in state.variables]
                 state.histograms.assign(tf.stack(rows))
                 state.histogram_step.assign(step)
                 return tf.constant(True)
@@ -227,7 +204,8 @@ class Watcher(keras.callbacks.Callback):  # type: ignore[misc]
 
             tf.cond(due, snapshot, lambda: tf.constant(False))
         state.step.assign_add(1)
-        scalars = tf.concat([tf.stack([scale]), tf.stack(norms), tf.stack(nonfinite), weight_norms], 0)
+        fields = [tf.stack(grad_norms), tf.stack(grad_nonfinite), weight_norms, weight_nonfinite]
+        scalars = tf.concat([tf.stack([scale]), *fields], 0)
         return _Pending(step, due, scalars)
 
     def _after_apply(self, pending: _Pending, measure_update: bool) -> None:
@@ -236,16 +214,12 @@ class Watcher(keras.callbacks.Callback):  # type: ignore[misc]
         state = self._state
         assert state is not None
         if measure_update and state.shadows:
+            variables, shadows = state.variables, state.shadows
 
             def measure() -> tf.Tensor:
-                state.updates.assign(
-                    tf.stack(
-                        [
-                            _norm(tf.convert_to_tensor(v) - s) / _norm(tf.convert_to_tensor(s))
-                            for v, s in zip(state.variables, state.shadows)
-                        ]
-                    )
-                )
+                pairs = [(tf.convert_to_tensor(v), tf.convert_to_tensor(w)) for v, w in zip(variables, shadows)]
+                update_norms = tf.stack([norm(after - before) for after, before in pairs])
+                state.updates.assign(tf.stack([update_norms, tf.stack([norm(before) for _, before in pairs])]))
                 state.update_step.assign(pending.step)
                 return tf.constant(True)
 
@@ -255,12 +229,14 @@ class Watcher(keras.callbacks.Callback):  # type: ignore[misc]
         )
         state.summary.assign(tf.concat([steps, pending.scalars], 0))
 
-    def _ensure_state(self, variables: list[Any]) -> _State:
+    def _ensure_state(self, variables: list[Any]) -> State:
         if self._state is None:
             with tf.init_scope():  # created eagerly even when first reached inside a trace
                 model = self._watched()
                 name = model.name if model is not None else ""
-                self._state = _State(variables, self._bins, shadows=self._update_every is not None, model_name=name)
+                kinds = self._log_gradients + self._log_parameters
+                shadows = self._update_every is not None
+                self._state = State(variables, self._bins, kinds, shadows=shadows, model_name=name)
         return self._state
 
     # -- on the host ---------------------------------------------------------------------
@@ -295,97 +271,52 @@ class Watcher(keras.callbacks.Callback):  # type: ignore[misc]
         state = self._state
         if state is None:
             return
-        summary = state.summary.numpy()  # the one read of a batch
-        step, histogram_step, update_step = (int(v) for v in summary[:3])
-        count = len(state.names)
-        scale, norms, nonfinite, weight_norms = (
-            summary[3],
-            summary[4 : 4 + count],
-            summary[4 + count : 4 + 2 * count],
-            summary[4 + 2 * count :],
-        )
-        scalars: list[tuple[str, float]] = []
-        histogram_rows = None
-        observed: StepValues | None = None
+        (step, histogram_step, update_step), scale, fields = state.layout.read(state.summary.numpy())
+        present = ~np.isnan(fields["grad_nonfinite"])  # variables that had a gradient this step
+        names = np.array(state.names, dtype=object)
+        records: dict[int, dict[str, Any]] = {}
         if step >= 0 and step != self._written["stats"] and step % self._every == 0:
             self._written["stats"] = step
-            scalars += self._stat_scalars(state, step, norms, nonfinite, weight_norms)
-            observed = self._step_values(state, step, norms, nonfinite, weight_norms)
+            groups = records.setdefault(step, {}).setdefault("groups", [])
+            if self._log_gradients:
+                grads = Group("gradients", list(names[present]), fields["grad_norms"][present])
+                grads.nonfinite = fields["grad_nonfinite"][present]
+                groups.append(grads)
+            if self._log_parameters:
+                groups.append(Group("parameters", state.names, fields["weight_norms"], fields["weight_nonfinite"]))
             if scale != 1.0:
-                scalars.append(("amp/loss_scale", float(scale)))
+                records[step]["scalars"] = [(LOSS_SCALE, scale)]
         if histogram_step >= 0 and histogram_step != self._written["histograms"]:
             self._written["histograms"] = histogram_step
-            histogram_rows = self._histogram_rows(state)
-            if histogram_step != step and histogram_rows is not None:
-                self.writer._summary([], histogram_step, None, rows=histogram_rows)
-                histogram_rows = None
+            records.setdefault(histogram_step, {}).setdefault("groups", [])
+            records[histogram_step]["histograms"] = self._histogram_groups(state)
         if update_step >= 0 and update_step != self._written["updates"]:
             self._written["updates"] = update_step
-            ratios = {name: float(r) for name, r in zip(state.names, state.updates.numpy())}
-            self.writer._summary([(f"updates/{name}/ratio", r) for name, r in ratios.items()], update_step, None)
-            if observed is not None and update_step == step:
-                observed.update_ratios = ratios
-        if scalars or histogram_rows is not None:
-            self.writer._summary(scalars, step, None, rows=histogram_rows)
-        if observed is not None and self._monitor is not None:
-            announce(self._monitor.observe(observed), self.writer, self._health_via)
+            update_norms, weight_norms = state.updates.numpy()
+            records.setdefault(update_step, {})["updates"] = Updates(state.names, update_norms, weight_norms)
+        for at, record in sorted(records.items()):
+            groups = _with_rows(record.get("groups", []), record.get("histograms", []))
+            self._recorder.record(at, groups, record.get("updates"), record.get("scalars", ()))
 
-    def _step_values(
-        self, state: _State, step: int, norms: np.ndarray, nonfinite: np.ndarray, weight_norms: np.ndarray
-    ) -> StepValues:
-        """The same numbers as the scalars, for the health rules."""
-        present = [(name, float(n), float(c)) for name, n, c in zip(state.names, norms, nonfinite) if not math.isnan(c)]
-        values = StepValues(step)
+    def _histogram_groups(self, state: State) -> list[Group]:
+        """This step's histogram rows, by kind (variables without a gradient left out)."""
+        rows = state.histograms.numpy()
+        count = len(state.names)
+        groups = []
         if self._log_gradients:
-            values.grad_norms = {name: n for name, n, _ in present}
-            values.grad_nonfinite = {name: c for name, _, c in present if c}
-            values.global_norm = math.sqrt(sum(n * n for _, n, _ in present))
+            grads = rows[:count]
+            present = ~np.isnan(grads[:, _rows.FINITE])  # no gradient for this variable this step
+            names = [name for name, kept in zip(state.names, present) if kept]
+            groups.append(Group("gradients", names, rows=grads[present]))
         if self._log_parameters:
-            values.weight_norms = {name: float(w) for name, w in zip(state.names, weight_norms)}
-        return values
+            groups.append(Group("parameters", state.names, rows=rows[-count:]))
+        return groups
 
     @property
     def findings(self) -> list[Finding]:
         """Every training-health finding so far (see `normlog.health`)."""
-        return [] if self._monitor is None else list(self._monitor.findings)
-
-    def _stat_scalars(
-        self, state: _State, step: int, norms: np.ndarray, nonfinite: np.ndarray, weight_norms: np.ndarray
-    ) -> list[tuple[str, float]]:
-        scalars: list[tuple[str, float]] = []
-        if self._log_gradients:
-            squares = 0.0
-            for name, norm, bad in zip(state.names, norms, nonfinite):
-                if math.isnan(bad):  # no gradient for this variable this step
-                    continue
-                scalars.append((f"gradients/{name}/norm", float(norm)))
-                squares += float(norm) ** 2
-                if bad:
-                    scalars.append((f"gradients/{name}/nonfinite", float(bad)))
-                    self._guard.warn_once(
-                        f"nonfinite:{name}",
-                        f"normlog: {int(bad)} NaN/Inf values in the gradients of {name!r} at step {step}",
-                    )
-            scalars.append(("gradients/global_norm", math.sqrt(squares)))
-        if self._log_parameters:
-            scalars += [(f"parameters/{name}/norm", float(norm)) for name, norm in zip(state.names, weight_norms)]
-        return scalars
-
-    def _histogram_rows(self, state: _State) -> tuple[list[str], np.ndarray, int] | None:
-        """The tags and rows of this step's histograms, for `Writer._summary(rows=...)`."""
-        rows = state.histograms.numpy()
-        names = state.names
-        tags, kept = [], []
-        if self._log_gradients:
-            for name, row in zip(names, rows):
-                if not math.isnan(row[4]):  # no gradient for this variable this step
-                    tags.append(f"gradients/{name}")
-                    kept.append(row)
-        if self._log_parameters:
-            for name, row in zip(names, rows[len(names) :]):
-                tags.append(f"parameters/{name}")
-                kept.append(row)
-        return (tags, np.stack(kept), self._bins) if tags else None
+        monitor = self._recorder.monitor
+        return [] if monitor is None else list(monitor.findings)
 
     # -- errors and life cycle -----------------------------------------------------------
 
@@ -398,8 +329,24 @@ class Watcher(keras.callbacks.Callback):  # type: ignore[misc]
         model = self._watched()
         if model is not None and getattr(model, "train_function", None) is not None:
             model.make_train_function(force=True)
+        if model is not None and _WATCHERS.get(model) is self:
+            del _WATCHERS[model]
         if self._owns_writer:
             self.writer.close()
+
+
+def _with_rows(groups: list[Group], histograms: list[Group]) -> list[Group]:
+    """The norm groups of one step with the histogram rows of the same kind, joined (the rows
+    alone where no norms are due at that step)."""
+    by_kind = {group.kind: group for group in groups}
+    joined = list(groups)
+    for rows in histograms:
+        group = by_kind.get(rows.kind)
+        if group is not None and list(group.names) == list(rows.names):
+            group.rows = rows.rows
+        else:
+            joined.append(rows)
+    return joined
 
 
 @dataclass
@@ -416,37 +363,6 @@ class _Unscaled:
 
     def scale_loss(self, loss: tf.Tensor) -> tf.Tensor:
         return loss
-
-
-class _State:
-    """The tf.Variables a traced step writes its statistics into. Plain tf.Variables held
-    here, never by the model or the optimizer, so checkpoints do not change."""
-
-    def __init__(self, variables: list[Any], bins: int, shadows: bool, model_name: str) -> None:
-        count = len(variables)
-        self.variables = variables
-        # Keras' variable path, without the watched model's own name: "dense/kernel"
-        paths = [getattr(v, "path", None) or v.name.split(":")[0] for v in variables]
-        self.names = [path.removeprefix(f"{model_name}/") for path in paths]
-
-        def make(value: Any) -> tf.Variable:
-            # Under a tf.distribute strategy these are mirrored and, with no aggregation, each
-            # replica writes its own copy: the same statistics of the same summed gradients.
-            # The host reads the first replica's.
-            return tf.Variable(value, trainable=False)
-
-        self.step = make(tf.constant(0, tf.int64))
-        # [step, histogram step, update step, loss scale, norms, NaN/Inf counts, weight norms]:
-        # what the callback reads after every batch, in one transfer. NaN counts mark variables
-        # that had no gradient.
-        self.summary = make(
-            tf.concat([tf.constant([-1.0, -1.0, -1.0, 1.0], tf.float64), tf.zeros([3 * count], tf.float64)], 0)
-        )
-        self.histogram_step = make(tf.constant(-1, tf.int64))
-        self.histograms = make(tf.zeros([2 * count, 8 + bins], tf.float64))
-        self.update_step = make(tf.constant(-1, tf.int64))
-        self.updates = make(tf.zeros([count], tf.float64))
-        self.shadows = [make(tf.zeros(v.shape, tf.as_dtype(v.dtype))) for v in variables] if shadows else []
 
 
 def watch(
@@ -476,7 +392,7 @@ def watch(
     _check_backend()
     if writer is not None and logdir is not None:
         raise ValueError("pass logdir or writer, not both")
-    return Watcher(
+    watcher = Watcher(
         model,
         writer if writer is not None else Writer(logdir),
         owns_writer=writer is None,
@@ -490,3 +406,12 @@ def watch(
         health=health,
         health_via=health_via,
     )
+    _WATCHERS[model] = watcher
+    return watcher
+
+
+def unwatch(model: keras.Model) -> None:
+    """Restore the optimizer `watch` wrapped for `model`, if any, and close the writer it made."""
+    watcher = _WATCHERS.get(model)
+    if watcher is not None:
+        watcher.unwatch()

@@ -3,10 +3,10 @@
 Rules: tensors of one dtype (float32, float16 or bfloat16) on one CUDA device are read
 through a table of their addresses, in blocks of BLOCK elements, one program per block,
 which adds its sums and counts to the tensor's row atomically.
-Each tensor gets the row `normlog.torch._histogram_row(..., mask_nonfinite=True)` gives:
-[min, max, sum, sum_squares, finite, nan, posinf, neginf, counts...] in float64, with NaN
-and Inf counted, never binned, and the bucket of x = floor((x - min) / width) computed in
-float64 with correctly rounded division, the core's rule. The host never waits: tables of
+Each tensor gets its row (`normlog._rows`: [min, max, sum, sum_squares, finite, nan,
+posinf, neginf, counts...] in float64), with NaN and Inf counted, never binned, and the
+bucket of x = floor((x - min) / width) computed in float64 with correctly rounded division:
+the core's rule (`normlog.histogram`), which a test holds it to. The host never waits: tables of
 addresses and blocks cross to the device without a sync, and results stay there.
 """
 
@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from normlog import _rows
+
 __all__ = ["stats_rows"]
 
 # Tried on an H100 with the 298 tensors of bench_torch.py --gpu (rows, norms alone):
@@ -26,7 +28,10 @@ __all__ = ["stats_rows"]
 BLOCK = 32768  # elements per program
 CHUNK = 1024  # elements per program per loop step: 8 per thread of 4 warps, no register spills
 WARPS = 4
-ROW = 8  # the fields before the counts
+# The row's columns (normlog._rows), mirrored as constexprs for the kernels; a test holds them equal.
+MIN, MAX, SUM, SUM_SQUARES = (tl.constexpr(c) for c in (_rows.MIN, _rows.MAX, _rows.SUM, _rows.SUM_SQUARES))
+FINITE, NAN, POSINF, NEGINF = (tl.constexpr(c) for c in (_rows.FINITE, _rows.NAN, _rows.POSINF, _rows.NEGINF))
+HEAD = tl.constexpr(_rows.HEAD)
 
 _DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
@@ -101,7 +106,7 @@ def _stats_kernel(
     neginfs = tl.zeros([CHUNK], tl.int32)
     counts = tl.zeros([PADDED], tl.int32)
     if BINS > 0:
-        low = tl.load(row)
+        low = tl.load(row + MIN)
         width = tl.load(widths + tensor)
     for step in range(0, BLOCK, CHUNK):
         x, inside, finite = _chunk(base, start + step + tl.arange(0, CHUNK), size)
@@ -116,15 +121,15 @@ def _stats_kernel(
             # float64 division is correctly rounded in PTX (div.rn.f64), as in torch and numpy
             bucket = tl.minimum(tl.maximum(tl.math.floor((wide - low) / width), 0.0), BINS - 1.0)
             counts += tl.histogram(tl.where(finite, bucket.to(tl.int32), PADDED - 1), PADDED)  # padding dropped
-    tl.atomic_add(row + 2, tl.sum(total, axis=0), sem="relaxed")
-    tl.atomic_add(row + 3, tl.sum(squares, axis=0), sem="relaxed")
-    tl.atomic_add(row + 4, tl.sum(finites, axis=0).to(tl.float64), sem="relaxed")
-    tl.atomic_add(row + 5, tl.sum(nans, axis=0).to(tl.float64), sem="relaxed")
-    tl.atomic_add(row + 6, tl.sum(posinfs, axis=0).to(tl.float64), sem="relaxed")
-    tl.atomic_add(row + 7, tl.sum(neginfs, axis=0).to(tl.float64), sem="relaxed")
+    tl.atomic_add(row + SUM, tl.sum(total, axis=0), sem="relaxed")
+    tl.atomic_add(row + SUM_SQUARES, tl.sum(squares, axis=0), sem="relaxed")
+    tl.atomic_add(row + FINITE, tl.sum(finites, axis=0).to(tl.float64), sem="relaxed")
+    tl.atomic_add(row + NAN, tl.sum(nans, axis=0).to(tl.float64), sem="relaxed")
+    tl.atomic_add(row + POSINF, tl.sum(posinfs, axis=0).to(tl.float64), sem="relaxed")
+    tl.atomic_add(row + NEGINF, tl.sum(neginfs, axis=0).to(tl.float64), sem="relaxed")
     if BINS > 0:
         bins = tl.arange(0, PADDED)
-        tl.atomic_add(row + (WIDTH - BINS) + bins, counts.to(tl.float64), mask=bins < BINS, sem="relaxed")
+        tl.atomic_add(row + HEAD + bins, counts.to(tl.float64), mask=bins < BINS, sem="relaxed")
 
 
 @functools.lru_cache(maxsize=8)
@@ -148,12 +153,12 @@ def _to_device(table: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def stats_rows(tensors: Sequence[torch.Tensor], bins: int) -> torch.Tensor:
-    """[len(tensors), 8 + bins] rows on the tensors' device (bins=0: the 8 fields alone, no
-    min and max), for tensors of one dtype on one CUDA device that `supports`."""
+    """[len(tensors), _rows.width(bins)] rows on the tensors' device (bins=0: the head alone,
+    no min and max), for tensors of one dtype on one CUDA device that `supports`."""
     # contiguous tensors are read where they are; the others are copied, and kept alive below
     flat = [t if t.is_contiguous() else t.reshape(-1) for t in tensors]
     device, dtype = flat[0].device, _DTYPES[flat[0].dtype]
-    width = ROW + bins
+    width = _rows.width(bins)
     rows = torch.zeros(len(flat), width, dtype=torch.float64, device=device)
     # an empty tensor has no blocks: its row stays zeros, the core's empty histogram
     block_tensor, block_start, sizes, count = _blocks(tuple(t.numel() for t in flat), device)
@@ -161,7 +166,7 @@ def stats_rows(tensors: Sequence[torch.Tensor], bins: int) -> torch.Tensor:
         return rows
     addresses = _to_device(torch.tensor([t.data_ptr() for t in flat], dtype=torch.int64), device)
     tables = (addresses, block_tensor, block_start, sizes)
-    widths = rows[:, 0]  # unused without bins
+    widths = rows[:, _rows.MIN]  # unused without bins
     with torch.cuda.device(device):
         if bins:
             lows = torch.empty(count, dtype=torch.float32, device=device)
@@ -171,7 +176,7 @@ def stats_rows(tensors: Sequence[torch.Tensor], bins: int) -> torch.Tensor:
             high = torch.full_like(low, -float("inf")).scatter_reduce_(0, block_tensor, highs, "amax")
             none = low > high  # no finite value: the core's empty histogram, min = max = 0
             low, high = torch.where(none, 0.0, low).double(), torch.where(none, 0.0, high).double()
-            rows[:, 0], rows[:, 1] = low, high
+            rows[:, _rows.MIN], rows[:, _rows.MAX] = low, high
             widths = torch.where(high > low, (high - low) / bins, 1.0)
         padded = triton.next_power_of_2(bins + 1) if bins else 1
         _stats_kernel[(count,)](

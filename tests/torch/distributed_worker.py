@@ -42,7 +42,7 @@ def main(mode: str, logdir: str) -> None:
         real_all_reduce = dist.all_reduce
 
         def counted(*args: object, **kwargs: object) -> object:
-            if sys._getframe(1).f_globals.get("__name__") == "normlog.torch":
+            if sys._getframe(1).f_globals.get("__name__", "").startswith("normlog.torch"):
                 all_reduces[watcher.step] += 1
             return real_all_reduce(*args, **kwargs)  # type: ignore[arg-type]
 

@@ -10,7 +10,7 @@ import weakref
 import numpy as np
 import pytest
 
-from helpers import assert_same_histogram, read_events, requires, scalars
+from helpers import row_histogram, assert_same_histogram, read_events, requires, scalars
 
 torch = requires("torch")
 from torch import nn  # noqa: E402
@@ -26,13 +26,13 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @pytest.fixture(params=["compiled", "torch"])
 def cpu_engine(request, monkeypatch) -> str:
     """Run a test with the CPU rows from normlog._numba (where numba is), then without."""
-    import normlog.torch
+    import normlog.torch._engines
 
     if request.param == "compiled":
-        if normlog.torch._numba() is None:
+        if normlog.torch._engines.numba_kernel() is None:
             pytest.skip("numba is not installed")
     else:
-        monkeypatch.setattr(normlog.torch, "_numba", lambda: None)
+        monkeypatch.setattr(normlog.torch._engines, "numba_kernel", lambda: None)
     return str(request.param)
 
 
@@ -83,7 +83,7 @@ def test_gradient_norms_equal_torch_and_global_norm_equals_get_total_norm(tmp_pa
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_norms_of_large_tensors_agree_with_float64(device: str) -> None:
-    from normlog.torch import _norms
+    from normlog.torch._engines import norms
 
     generator = torch.Generator().manual_seed(5)
     tensors = [torch.randn(2048, 1024, generator=generator), torch.rand(3_000_001, generator=generator) * 1e-3]
@@ -92,7 +92,7 @@ def test_norms_of_large_tensors_agree_with_float64(device: str) -> None:
     expected = [np.linalg.norm(t.double().numpy()) for t in tensors]
     # dtypes interleaved, so the norms of each (device, dtype) group go back to their places
     tensors = [tensors[i].to(device) for i in (2, 0, 3, 1)]
-    np.testing.assert_allclose(_norms(tensors).cpu().numpy(), [expected[i] for i in (2, 0, 3, 1)], rtol=1e-5)
+    np.testing.assert_allclose(norms(tensors).cpu().numpy(), [expected[i] for i in (2, 0, 3, 1)], rtol=1e-5)
 
 
 def test_update_ratio_is_the_relative_size_of_each_step(tmp_path) -> None:
@@ -142,27 +142,25 @@ def test_device_histograms_give_the_cores_numbers(tmp_path) -> None:
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "float64"])
 def test_device_histogram_row_matches_the_core_exactly(dtype: str, device: str, cpu_engine: str) -> None:
-    from normlog._core import _histogram_from_row
-    from normlog.torch import _histogram_row
+    from normlog.torch._engines import histogram_row
 
     values = torch.randn(10_000, generator=torch.Generator().manual_seed(3)).to(getattr(torch, dtype))
     values[::97] = 0.0
     expected = normlog.histogram(values.double().numpy())
     for mask in (False, True):
-        row = _histogram_row(values.to(device), 30, mask).cpu().numpy()
-        assert_same_histogram(_histogram_from_row(row, 30), expected)
+        row = histogram_row(values.to(device), 30, mask).cpu().numpy()
+        assert_same_histogram(row_histogram(row, 30), expected)
 
 
 def test_device_histogram_row_of_a_tensor_of_many_blocks(cpu_engine: str) -> None:
     # the compiled row is counted in blocks of 65,536 values, shared among threads
-    from normlog._core import _histogram_from_row
-    from normlog.torch import _histogram_row
+    from normlog.torch._engines import histogram_row
 
     values = torch.randn(600_001, generator=torch.Generator().manual_seed(4)) * 5
     values[::100_003] = float("nan")
     values[7] = float("inf")
     expected = normlog.histogram(values.numpy())
-    assert_same_histogram(_histogram_from_row(_histogram_row(values, 30, True).numpy(), 30), expected)
+    assert_same_histogram(row_histogram(histogram_row(values, 30, True).numpy(), 30), expected)
 
 
 def test_compiled_rows_of_many_arrays_do_not_depend_on_the_threads() -> None:
@@ -170,7 +168,6 @@ def test_compiled_rows_of_many_arrays_do_not_depend_on_the_threads() -> None:
     # arrays across block borders, of both dtypes, with NaN and Inf in some blocks
     numba = pytest.importorskip("numba")
     from normlog import _numba
-    from normlog._core import _histogram_from_row
 
     generator = np.random.default_rng(4)
     sizes = [600_001, 65_536, 65_537, 65_535, 0, 1, 3, 131_072]
@@ -185,7 +182,7 @@ def test_compiled_rows_of_many_arrays_do_not_depend_on_the_threads() -> None:
     arrays.append(np.array([np.inf, -np.inf, np.nan, np.inf], dtype=np.float32))  # nothing to bin
     rows = _numba.rows(arrays, 30)
     for values, row in zip(arrays, rows, strict=True):
-        got, expected = _histogram_from_row(row, 30), normlog.histogram(values, 30)
+        got, expected = row_histogram(row, 30), normlog.histogram(values, 30)
         assert_same_histogram(got, expected)
         assert (got.sum, got.sum_squares) == pytest.approx((expected.sum, expected.sum_squares), rel=1e-9, abs=1e-9)
     threads = numba.get_num_threads()
@@ -205,19 +202,17 @@ def test_compiled_rows_of_many_arrays_do_not_depend_on_the_threads() -> None:
 def test_device_histogram_of_float64_ranges_past_the_doubles_limits(values, device: str, cpu_engine: str) -> None:
     # ranges narrower than the smallest normal double, or wider than the largest: the
     # device scales by a power of two, as the core does
-    from normlog._core import _histogram_from_row
-    from normlog.torch import _histogram_row
+    from normlog.torch._engines import histogram_row
 
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     expected = normlog.histogram(np.array(values), 7)
-    row = _histogram_row(tensor, 7, mask_nonfinite=False).cpu().numpy()
-    assert_same_histogram(_histogram_from_row(row, 7), expected)
+    row = histogram_row(tensor, 7, mask_nonfinite=False).cpu().numpy()
+    assert_same_histogram(row_histogram(row, 7), expected)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_device_histogram_of_nonfinite_constant_and_empty_tensors(device: str, cpu_engine: str) -> None:
-    from normlog._core import _histogram_from_row
-    from normlog.torch import _histogram_row
+    from normlog.torch._engines import histogram_row
 
     cases = [
         torch.tensor([1.0, float("nan"), 3.0, float("inf"), -float("inf"), 2.0]),
@@ -226,7 +221,7 @@ def test_device_histogram_of_nonfinite_constant_and_empty_tensors(device: str, c
         torch.zeros(0),
     ]
     for values in cases:
-        got = _histogram_from_row(_histogram_row(values.to(device), 30, mask_nonfinite=True).cpu().numpy(), 30)
+        got = row_histogram(histogram_row(values.to(device), 30, mask_nonfinite=True).cpu().numpy(), 30)
         expected = normlog.histogram(values.numpy())
         assert_same_histogram(got, expected)
         assert (got.sum, got.sum_squares) == pytest.approx((expected.sum, expected.sum_squares), rel=1e-12)
@@ -500,9 +495,8 @@ def test_multi_tensor_rows_on_the_gpu_equal_the_per_tensor_rows(dtype: str) -> N
     # the Triton path (one launch for all tensors) against the torch path, which the tests
     # above hold to the core; sizes around its block of 8192 elements, and the awkward cases
     pytest.importorskip("triton")
-    from normlog import _triton
-    from normlog._core import _histogram_from_row
-    from normlog.torch import _histogram_row
+    from normlog.torch import _triton
+    from normlog.torch._engines import histogram_row
 
     generator = torch.Generator().manual_seed(11)
     tensors = [torch.randn(n, generator=generator) * 3 for n in (1, 8191, 8192, 8193, 100_003)]
@@ -512,8 +506,8 @@ def test_multi_tensor_rows_on_the_gpu_equal_the_per_tensor_rows(dtype: str) -> N
     tensors = [t.to(getattr(torch, dtype)).cuda() for t in tensors]
     rows = _triton.stats_rows(tensors, 30).cpu().numpy()
     for tensor, row in zip(tensors, rows):
-        expected = _histogram_row(tensor, 30, mask_nonfinite=True).cpu().numpy()
-        assert_same_histogram(_histogram_from_row(row, 30), _histogram_from_row(expected, 30))
+        expected = histogram_row(tensor, 30, mask_nonfinite=True).cpu().numpy()
+        assert_same_histogram(row_histogram(row, 30), row_histogram(expected, 30))
         np.testing.assert_allclose(row[2:4], expected[2:4], rtol=1e-12)
         np.testing.assert_array_equal(row[4:8], expected[4:8])
     norms = _triton.stats_rows(tensors, 0).cpu().numpy()  # without bins: the same sums and counts

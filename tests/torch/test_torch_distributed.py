@@ -128,23 +128,3 @@ def test_fsdp_without_an_optimizer_is_refused_with_the_reason(tmp_path) -> None:
         dist.destroy_process_group()
     norms = scalars(read_events(str(tmp_path / "run")), "gradients/0.weight/norm")
     assert norms[0] == pytest.approx(2.0, rel=1e-6)  # d(sum)/dW = ones((2, 2)), whose norm is 2
-
-
-def test_keras_mirrored_strategy_logs_the_summed_gradients_once(tmp_path) -> None:
-    # Guarantee: under MirroredStrategy (two logical CPUs) the logged gradients are the
-    # replicas' summed ones, the gradients of the whole batch, and one event file is written.
-    requires("tensorflow")
-    requires("keras")
-    worker = os.path.join(os.path.dirname(__file__), "keras_mirrored_worker.py")
-    process = subprocess.run(
-        [sys.executable, worker, str(tmp_path)], capture_output=True, text=True, timeout=300, env=dict(os.environ)
-    )
-    assert process.returncode == 0, process.stderr[-5000:]
-    result = json.loads(process.stdout.strip().splitlines()[-1])
-    assert result["replicas"] == 2
-    events = read_events(str(tmp_path))
-    for name, norms in result["expected"].items():
-        logged = scalars(events, f"gradients/{name}/norm")
-        assert [logged[step] for step in range(len(norms))] == pytest.approx(norms, rel=1e-5), name
-        assert len(events.Histograms(f"gradients/{name}")) == len(norms)
-    assert len(event_files(str(tmp_path))) == 1

@@ -1,0 +1,136 @@
+"""One logged step's reductions: started on the device, read back in one transfer, decoded.
+
+Rules: `Reduction.start` chooses the engine (Triton rows on CUDA, compiled rows on the CPU,
+torch ops elsewhere and for shards) and starts every reduction without waiting for the
+device. `joined` is the one tensor that crosses to the host; `decode` turns the host copy
+into the framework-free `normlog._step.Group`s and `Updates`. Column numbers come from
+`normlog._rows`; tags and everything written are `normlog._step`'s business.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from normlog import _rows
+from normlog._step import Group, Kind, Updates
+from normlog.torch import _engines
+from normlog.torch._distributed import full_norms, full_rows, local
+from normlog.torch._engines import compiled_on_cpu, compiled_rows, multi_tensor_rows
+
+__all__ = ["Reduction"]
+
+
+@dataclass
+class Reduction:
+    """A logged step's reductions, started on the device and not yet read."""
+
+    step: int
+    groups: list[tuple[Kind, list[str], list[torch.Tensor]]]
+    tensors: list[torch.Tensor]  # this rank's part of each: shards of FSDP2 parameters
+    shards: list[tuple[Any, ...]]  # the process groups each tensor is sharded over
+    pieces: list[torch.Tensor]
+    histograms: bool
+    bins: int
+    # the parameters that had a gradient: the before/after snapshots and the ratios follow this order
+    updated: list[tuple[str, nn.Parameter]] = field(default_factory=list)
+    before: list[torch.Tensor] | None = None
+    update_norms: torch.Tensor | None = None
+    # rows: pieces hold one row per tensor (NaN/Inf already counted), in the tensors' order
+    # after `order`. Norms come from the rows and nothing is recounted, so the device
+    # tensors can go before the host reads them.
+    rows: bool = False
+    order: list[int] | None = None
+
+    @classmethod
+    def start(
+        cls,
+        step: int,
+        groups: list[tuple[Kind, list[str], list[torch.Tensor]]],
+        updated: list[tuple[str, nn.Parameter]],
+        bins: int,
+        histograms: bool,
+        sharded: bool,
+    ) -> Reduction | None:
+        tensors = [t for _, _, ts in groups for t in ts]
+        if not tensors:
+            return None
+        shards: list[tuple[Any, ...]] = [()] * len(tensors)
+        if sharded:
+            tensors, shards = (list(column) for column in zip(*map(local, tensors)))
+        common = dict(step=step, groups=groups, tensors=tensors, shards=shards, bins=bins, updated=updated)
+        triton, numba = _engines.triton_kernel(), _engines.numba_kernel()
+        if not any(shards) and triton is not None and all(triton.supports(t) for t in tensors):
+            pieces, order = multi_tensor_rows(tensors, bins if histograms else 0)
+            return cls(**common, pieces=pieces, histograms=histograms, rows=True, order=order)  # type: ignore[arg-type]
+        if histograms and not any(shards) and numba is not None and all(map(compiled_on_cpu, tensors)):
+            # the compiled rows count NaN/Inf and hold each sum of squares in float64:
+            # the norms come from them, without a pass of their own
+            rows = compiled_rows(tensors, bins)
+            order = list(range(len(tensors)))
+            return cls(**common, pieces=[rows], histograms=True, rows=True, order=order)  # type: ignore[arg-type]
+        pieces = [full_norms(tensors, shards)]
+        if histograms:
+            pieces += full_rows(tensors, shards, bins, mask_nonfinite=False)
+        return cls(**common, pieces=pieces, histograms=histograms)  # type: ignore[arg-type]
+
+    def measure_updates(self) -> None:
+        """After the optimizer's step: ‖w_after - w_before‖ of every snapshotted weight."""
+        if self.before is not None:
+            after = [local(p.detach()) for _, p in self.updated]
+            differences = torch._foreach_sub([t for t, _ in after], self.before)
+            self.update_norms = full_norms(list(differences), [g for _, g in after])
+
+    def joined(self) -> torch.Tensor:
+        """Everything the host needs, as one flat float64 tensor on the first piece's device."""
+        pieces = self.pieces if self.update_norms is None else [*self.pieces, self.update_norms]
+        device = pieces[0].device
+        return torch.cat([piece.reshape(-1).to(device) for piece in pieces])
+
+    def release(self) -> None:
+        """Let the device tensors go (the rows path needs nothing of them after `joined`)."""
+        self.groups = [(kind, names, []) for kind, names, _ in self.groups]
+        self.tensors, self.pieces, self.before, self.update_norms = [], [], None, None
+
+    def decode(self, host: np.ndarray) -> tuple[list[Group], Updates | None]:
+        """The host copy of `joined()` as the step's groups and update norms. A tensor whose
+        norm is not finite and whose NaN/Inf were not counted on the device is recounted
+        (rare: NaN/Inf present, or a float32 overflow), its histogram row with it."""
+        count = sum(len(names) for _, names, _ in self.groups)
+        width = _rows.width(self.bins)
+        counted: np.ndarray | None = None
+        if self.rows:
+            width = _rows.width(self.bins if self.histograms else 0)
+            table = np.empty((count, width))
+            table[self.order] = host[: count * width].reshape(count, width)
+            norms, counted = _rows.norms(table), _rows.nonfinite(table)
+            rows = table if self.histograms else None
+            update_norms = host[count * width :]
+        else:
+            norms = host[:count]
+            end = count + (count * width if self.histograms else 0)
+            rows = host[count:end].reshape(count, width) if self.histograms else None
+            update_norms = host[end:]
+        if counted is None:
+            counted = np.zeros(count)
+            for i in np.flatnonzero(~np.isfinite(norms)):
+                row = full_rows([self.tensors[i]], [self.shards[i]], self.bins, mask_nonfinite=True)[0].cpu().numpy()
+                counted[i] = _rows.nonfinite(row[None])[0]
+                if rows is not None:
+                    rows[i] = row
+        groups, start = [], 0
+        for kind, names, _ in self.groups:
+            stop = start + len(names)
+            group_rows = None if rows is None else rows[start:stop]
+            groups.append(Group(kind, names, norms[start:stop], counted[start:stop], group_rows))
+            start = stop
+        updates = None
+        if update_norms.size:
+            weights = {n: w for g in groups if g.kind == "parameters" for n, w in zip(g.names, g.norms)}  # type: ignore[arg-type]
+            names = [name for name, _ in self.updated]
+            updates = Updates(names, update_norms, np.array([weights.get(n, np.nan) for n in names]))
+        return groups, updates

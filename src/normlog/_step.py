@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import warnings
+import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
@@ -42,6 +44,7 @@ __all__ = [
     "norm_tag",
     "parse_tag",
     "ratio_tag",
+    "run_directory",
     "stat_tag",
 ]
 
@@ -150,9 +153,25 @@ class Updates:
         }
 
 
+# Writer -> the recorders writing into it: two watched models in one run write the same tags.
+_RECORDERS: weakref.WeakKeyDictionary[Writer, weakref.WeakSet[Recorder]] = weakref.WeakKeyDictionary()
+
+
+def run_directory(logdir: str | os.PathLike[str] | None, name: str | None) -> str | None:
+    """Where a watcher named `name` writes: its own run `<logdir>/<name>`, so that two models
+    (a GAN's generator and discriminator) keep their own tags and TensorBoard can overlay
+    them. No name: `logdir` itself."""
+    if name is None:
+        return None if logdir is None else os.fspath(logdir)
+    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name:
+        raise ValueError(f"name must be a non-empty run name without '/' (e.g. 'generator'), got {name!r}")
+    return os.path.join("runs" if logdir is None else os.fspath(logdir), name)
+
+
 class Recorder:
     """Writes what each logged step recorded, and runs the health rules on it. `writer=None`
-    (a rank that does not write) records nothing."""
+    (a rank that does not write) records nothing. A second recorder on a Writer that one
+    already writes into warns: both would write the same tags (pass `name=` to each)."""
 
     def __init__(
         self,
@@ -167,6 +186,21 @@ class Recorder:
         self._guard = guard
         self._bins = bins
         self._health_via = health_via
+        if writer is not None:
+            others = _RECORDERS.setdefault(writer, weakref.WeakSet())
+            if len(others):
+                warnings.warn(
+                    f"normlog: a second watcher writes into {writer!r}: both write the same tags, and their "
+                    "charts mix. Pass name= to each watch() (each then writes its own run), or a Writer each.",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+            others.add(self)
+
+    def close(self) -> None:
+        """This recorder writes no more (its watcher was unwatched)."""
+        if self.writer is not None and self.writer in _RECORDERS:
+            _RECORDERS[self.writer].discard(self)
 
     def record(
         self,

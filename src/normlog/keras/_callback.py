@@ -326,6 +326,7 @@ class Watcher(keras.callbacks.Callback):  # type: ignore[misc]
             optimizer.__dict__.pop("apply", None)  # back to the class's methods
             optimizer.__dict__.pop("_all_reduce_sum_gradients", None)
         self._wrapped.clear()
+        self._recorder.close()
         model = self._watched()
         if model is not None and getattr(model, "train_function", None) is not None:
             model.make_train_function(force=True)

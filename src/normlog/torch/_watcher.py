@@ -299,6 +299,7 @@ class Watcher:
             self._guard.safely(self._wait_for_writing)  # with strict, raises after the clean-up below
         finally:
             self._background.stop()
+            self._recorder.close()
             for handle in self._handles:
                 handle.remove()
             self._handles.clear()

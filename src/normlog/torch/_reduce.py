@@ -13,14 +13,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-
 import torch
+from torch import nn
+
 from normlog import _rows
 from normlog._step import Group, Kind, Updates
 from normlog.torch import _engines
 from normlog.torch._distributed import full_norms, full_rows, local
 from normlog.torch._engines import compiled_on_cpu, compiled_rows, multi_tensor_rows
-from torch import nn
 
 __all__ = ["Reduction"]
 

@@ -109,7 +109,9 @@ def main() -> None:
         from normlog.torch import _triton
 
         del passes["rejected: bincount in 2 threads"], passes["rejected: torch.histogram on float32"]
-        passes["all rows in one Triton pair of launches (normlog.torch._triton)"] = lambda: _triton.stats_rows(tensors, BINS)
+        passes["all rows in one Triton pair of launches (normlog.torch._triton)"] = lambda: _triton.stats_rows(
+            tensors, BINS
+        )
         passes["all norms and NaN/Inf counts in one Triton launch"] = lambda: _triton.stats_rows(tensors, 0)
         passes["torch._foreach_norm, for comparison"] = lambda: torch._foreach_norm(tensors)
     where = torch.cuda.get_device_name() if args.gpu else f"{torch.get_num_threads()} threads"

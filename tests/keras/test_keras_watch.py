@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from helpers import row_histogram, assert_same_histogram, read_events, requires, scalars
+from helpers import assert_same_histogram, read_events, requires, row_histogram, scalars
 
 tf = requires("tensorflow")
 keras = requires("keras")

@@ -10,7 +10,7 @@ import weakref
 import numpy as np
 import pytest
 
-from helpers import row_histogram, assert_same_histogram, read_events, requires, scalars
+from helpers import assert_same_histogram, read_events, requires, row_histogram, scalars
 
 torch = requires("torch")
 from torch import nn  # noqa: E402

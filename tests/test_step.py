@@ -1,0 +1,162 @@
+"""The step record (`normlog._step`), with no framework: what one logged step writes, read back
+with TensorBoard's reader, and the tag scheme that `normlog report` parses."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+
+import normlog
+from helpers import read_events, scalars
+from normlog import _rows, _step
+from normlog._watching import Guard
+from normlog.health import Monitor
+
+NAMES = ["layer0.weight", "layer0.bias", "out.weight"]
+
+
+def recorder(writer: normlog.Writer, health: bool = True, bins: int = 5) -> _step.Recorder:
+    return _step.Recorder(writer, Guard(strict=False), bins, Monitor() if health else None)
+
+
+def test_a_step_writes_norms_global_norm_nonfinite_counts_histograms_and_update_ratios(tmp_path) -> None:
+    rng = np.random.default_rng(0)
+    grads = [rng.normal(size=(4, 3)), rng.normal(size=3), np.array([1.0, np.nan, np.inf, 2.0])]
+    weights = [rng.normal(size=(4, 3)), np.zeros(3), rng.normal(size=4)]
+    rows = np.stack([_rows.core_row(g, 5) for g in grads])
+    grad_norms = np.array([normlog.l2_norm(g) for g in grads])
+    weight_norms = np.array([normlog.l2_norm(w) for w in weights])
+    updates = np.array([0.1, 0.2, 0.3])
+    with normlog.Writer(tmp_path) as writer, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        recorder(writer, health=False).record(
+            7,
+            [
+                _step.Group("gradients", NAMES, grad_norms, _rows.nonfinite(rows), rows),
+                _step.Group("parameters", NAMES, weight_norms, np.zeros(3)),
+            ],
+            _step.Updates(NAMES, updates, weight_norms),
+            scalars=[(_step.LOSS_SCALE, 1024.0)],
+        )
+    events = read_events(str(tmp_path))
+    for name, grad, weight in zip(NAMES, grads, weights):
+        got = scalars(events, _step.norm_tag("gradients", name))[7]
+        assert (math.isnan(got) and np.isnan(grad).any()) or got == pytest.approx(np.linalg.norm(grad), rel=1e-6)
+        assert scalars(events, _step.norm_tag("parameters", name))[7] == pytest.approx(np.linalg.norm(weight), rel=1e-6)
+    assert math.isnan(scalars(events, _step.GLOBAL_NORM)[7])  # a NaN gradient makes the global norm NaN, as torch's
+    assert scalars(events, _step.nonfinite_tag(_step.histogram_tag("gradients", "out.weight")))[7] == 2
+    assert scalars(events, _step.LOSS_SCALE)[7] == 1024.0
+    # update ratios: ‖Δw‖/‖w‖, and none for the zero bias (inf would blank its chart)
+    assert scalars(events, _step.ratio_tag("layer0.weight"))[7] == pytest.approx(0.1 / weight_norms[0], rel=1e-6)
+    assert _step.ratio_tag("layer0.bias") not in events.Tags()["scalars"]
+    # histograms: the core's, read back bucket for bucket
+    for name, grad in zip(NAMES, grads):
+        (event,) = events.Histograms(_step.histogram_tag("gradients", name))
+        expected = normlog.histogram(grad, 5)
+        assert event.step == 7
+        assert event.histogram_value.num == expected.num and event.histogram_value.max == expected.max
+    assert [str(w.message) for w in caught if "NaN/Inf" in str(w.message)] == [
+        "normlog: 2 NaN/Inf values in the gradients of 'out.weight' at step 7"
+    ]
+
+
+def test_the_health_rules_see_what_the_step_wrote(tmp_path) -> None:
+    with normlog.Writer(tmp_path) as writer, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        record = recorder(writer)
+        for step in range(3):
+            counts = np.array([0.0, 0.0, 3.0 if step == 2 else 0.0])
+            norms = np.array([1.0, 1.0, math.nan if step == 2 else 1.0])
+            record.record(step, [_step.Group("gradients", NAMES, norms, counts)])
+    assert record.monitor is not None
+    assert [(f.rule, f.tensor, f.step) for f in record.monitor.findings] == [("nonfinite", "out.weight", 2)]
+    texts = read_events(str(tmp_path)).Tensors(_step.finding_text_tag("nonfinite") + "/text_summary")
+    assert len(texts) == 1
+
+
+def test_histograms_alone_and_a_writer_none_write_no_norms_and_judge_nothing(tmp_path) -> None:
+    rows = np.stack([_rows.core_row(np.arange(5.0) + i, 4) for i in range(3)])
+    with normlog.Writer(tmp_path) as writer:
+        record = recorder(writer, bins=4)
+        record.record(3, [_step.Group("parameters", NAMES, rows=rows)])
+        _step.Recorder(None, Guard(False), 4, Monitor()).record(3, [_step.Group("gradients", NAMES, np.ones(3))])
+    events = read_events(str(tmp_path))
+    assert events.Tags()["scalars"] == []
+    assert sorted(events.Tags()["histograms"]) == sorted(_step.histogram_tag("parameters", n) for n in NAMES)
+    assert record.monitor is not None and record.monitor.findings == []
+
+
+def test_a_second_recorder_on_one_writer_warns_until_the_first_is_closed(tmp_path) -> None:
+    with normlog.Writer(tmp_path) as writer:
+        first = recorder(writer)
+        with pytest.warns(RuntimeWarning, match="name="):
+            second = recorder(writer)
+        first.close()
+        second.close()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            recorder(writer)
+
+
+def test_a_named_watcher_writes_its_own_run() -> None:
+    assert _step.run_directory("runs/gan", None) == "runs/gan"
+    assert _step.run_directory("runs/gan", "generator").replace("\\", "/") == "runs/gan/generator"
+    for bad in ("", "..", "a/b", 3):
+        with pytest.raises(ValueError, match="name"):
+            _step.run_directory("runs", bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("tag", "parsed"),
+    [
+        ("gradients/global_norm", ("global_norm", "", "")),
+        ("gradients/layers.0.weight/norm", ("norm", "gradients", "layers.0.weight")),
+        ("parameters/dense/kernel/norm", ("norm", "parameters", "dense/kernel")),
+        ("gradients/dense/kernel/nonfinite", ("nonfinite", "gradients", "dense/kernel")),
+        ("updates/dense/kernel/ratio", ("ratio", "parameters", "dense/kernel")),
+        ("gradients/dense/kernel", ("histogram", "gradients", "dense/kernel")),
+        ("activations/fc/norm", ("norm", "activations", "fc")),
+        ("loss", None),
+        ("health/nonfinite/x", None),
+        ("gradients", None),
+    ],
+)
+def test_parse_tag_reads_back_every_tag_the_step_writes(tag: str, parsed: tuple[str, str, str] | None) -> None:
+    got = _step.parse_tag(tag)
+    assert (got if got is None else (got.statistic, got.kind, got.name)) == parsed
+
+
+def test_every_tag_maker_round_trips_through_parse_tag() -> None:
+    for kind in ("gradients", "parameters", "activations"):
+        for name in ("w", "encoder/layer.0/attn.weight"):
+            for tag, statistic in ((_step.norm_tag(kind, name), "norm"), (_step.histogram_tag(kind, name), "histogram")):
+                parsed = _step.parse_tag(tag)
+                assert parsed is not None and (parsed.statistic, parsed.kind, parsed.name) == (statistic, kind, name)
+            parsed = _step.parse_tag(_step.nonfinite_tag(_step.histogram_tag(kind, name)))
+            assert parsed is not None and (parsed.statistic, parsed.name) == ("nonfinite", name)
+    parsed = _step.parse_tag(_step.ratio_tag("w"))
+    assert parsed is not None and parsed.statistic == "ratio"
+
+
+def test_rows_merge_like_the_core_merges_parts_of_one_tensor() -> None:
+    rng = np.random.default_rng(3)
+    whole = np.concatenate([rng.normal(size=50), [np.nan, np.inf], rng.normal(size=30) * 5, []])
+    parts = [whole[:20], whole[20:60], whole[60:], whole[:0]]
+    finite = whole[np.isfinite(whole)]
+    span = (float(finite.min()), float(finite.max()))
+    part_rows = []
+    for part in parts:
+        hist = normlog.histogram(part, 6, range=span)
+        part_rows.append(_rows.from_histogram(hist, 6))
+    merged = _rows.histograms(_rows.merge(np.stack(part_rows))[None], 6)[0]
+    # as Histogram.merge: the counts, bounds and edges exactly; sums up to their rounding
+    expected = normlog.histogram(whole, 6).merge()
+    assert merged == normlog.histogram(parts[0], 6, range=span).merge(
+        *(normlog.histogram(part, 6, range=span) for part in parts[1:])
+    )
+    np.testing.assert_array_equal(merged.edges, expected.edges)
+    np.testing.assert_array_equal(merged.counts, expected.counts)
+    assert merged.sum == pytest.approx(expected.sum, rel=1e-12)

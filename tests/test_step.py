@@ -132,7 +132,8 @@ def test_parse_tag_reads_back_every_tag_the_step_writes(tag: str, parsed: tuple[
 def test_every_tag_maker_round_trips_through_parse_tag() -> None:
     for kind in ("gradients", "parameters", "activations"):
         for name in ("w", "encoder/layer.0/attn.weight"):
-            for tag, statistic in ((_step.norm_tag(kind, name), "norm"), (_step.histogram_tag(kind, name), "histogram")):
+            made = ((_step.norm_tag(kind, name), "norm"), (_step.histogram_tag(kind, name), "histogram"))
+            for tag, statistic in made:
                 parsed = _step.parse_tag(tag)
                 assert parsed is not None and (parsed.statistic, parsed.kind, parsed.name) == (statistic, kind, name)
             parsed = _step.parse_tag(_step.nonfinite_tag(_step.histogram_tag(kind, name)))

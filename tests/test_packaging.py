@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import re
+import subprocess
+import sys
+
+from helpers import requires
 
 ROOT = os.path.join(os.path.dirname(__file__), os.pardir)
 
@@ -21,3 +26,94 @@ def test_ci_runs_the_readme_test_command() -> None:
 
 def test_the_package_is_typed() -> None:
     assert os.path.exists(os.path.join(ROOT, "src", "normlog", "py.typed"))
+
+
+def _sources() -> dict[str, ast.Module]:
+    package = os.path.join(ROOT, "src", "normlog")
+    trees = {}
+    for directory, _, files in os.walk(package):
+        for name in files:
+            if name.endswith(".py"):
+                path = os.path.join(directory, name)
+                relative = os.path.relpath(path, package).replace(os.sep, "/")
+                trees[relative] = ast.parse(read(os.path.join("src", "normlog", relative)))
+    return trees
+
+
+# which folder of normlog may import each framework (Lightning and the Trainer are torch's)
+FRAMEWORKS = {
+    "torch": ("torch/",),
+    "lightning": ("torch/",),
+    "pytorch_lightning": ("torch/",),
+    "transformers": ("torch/",),
+    "accelerate": ("torch/",),
+    "keras": ("keras/",),
+    "tensorflow": ("keras/",),
+    "jax": ("jax/", "keras/"),  # Keras 3 on the JAX backend computes its statistics with jax.numpy
+    "optax": ("jax/",),
+}
+
+
+def test_only_a_frameworks_own_package_imports_it() -> None:
+    # the rule a newcomer can check with grep: torch only under normlog/torch/, Keras and
+    # TensorFlow only under normlog/keras/, JAX under normlog/jax/
+    wrong = []
+    for path, tree in _sources().items():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                modules = [node.module or ""]
+            else:
+                continue
+            for module in modules:
+                folders = FRAMEWORKS.get(module.split(".")[0])
+                if folders is not None and not path.startswith(folders):
+                    wrong.append(f"{path}: import {module}")
+    assert wrong == []
+
+
+def test_no_file_uses_another_files_private_names() -> None:
+    # a name with a leading underscore stays in its file; modules with one are package-internal
+    wrong = []
+    for path, tree in _sources().items():
+        modules = set()  # names bound to normlog modules in this file
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("normlog"):
+                for alias in node.names:
+                    if alias.name.startswith("_") and not alias.name.startswith("__"):
+                        # `from normlog import _rows` imports a module; `from normlog._x import _y` a private name
+                        if node.module != "normlog" and node.module != "normlog.torch":
+                            wrong.append(f"{path}: from {node.module} import {alias.name}")
+                        else:
+                            modules.add(alias.asname or alias.name)
+            elif isinstance(node, ast.Import):
+                modules.update(alias.asname or alias.name for alias in node.names if alias.name.startswith("normlog"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+                base = node.value
+                if isinstance(base, ast.Name) and base.id in modules:
+                    wrong.append(f"{path}: {base.id}.{node.attr}")
+    assert wrong == []
+
+
+def test_requires_python_is_what_the_code_runs_on() -> None:
+    # vermin reads the syntax and the standard library the code uses, and names the oldest
+    # Python that has them all (zip(strict=...) is 3.10's)
+    requires("vermin")
+    (minimum,) = re.findall(r'requires-python = ">=(3\.\d+)"', read("pyproject.toml"))
+    vermin = [sys.executable, "-c", "import sys, vermin; sys.exit(vermin.main())"]
+    result = subprocess.run(
+        [*vermin, "-q", "--no-tips", "--violations", f"-t={minimum}-", "src/normlog"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0 and not result.stdout.strip(), result.stdout + result.stderr
+    older = subprocess.run(
+        [*vermin, "-q", "--no-tips", "--violations", f"-t=3.{int(minimum[2:]) - 1}-", "src/normlog"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert older.returncode != 0, "the code also runs on an older Python: lower requires-python"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import os
 import resource
@@ -63,7 +64,7 @@ def soak(steps: int, histogram_every: int, logdir: str) -> dict[str, float]:
     gc.collect()
     rss_end = resident_mb()
     watcher.unwatch()
-    per_step = [(b1 - b0) / (s1 - s0) for (s0, b0), (s1, b1) in zip(sizes, sizes[1:])]
+    per_step = [(b1 - b0) / (s1 - s0) for (s0, b0), (s1, b1) in itertools.pairwise(sizes)]
     return {
         "steps": steps,
         "histogram_every": histogram_every,

@@ -13,13 +13,13 @@ import functools
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 
 __all__ = ["Histogram", "Stats", "histogram", "l2_norm", "summarize"]
 
-Bins = Union[int, str, Sequence[float], np.ndarray]
+Bins = int | str | Sequence[float] | np.ndarray
 _BucketIndex = Callable[[np.ndarray], np.ndarray]
 
 # 1M float64 values (8 MB) per chunk: large enough that numpy's per-call overhead vanishes,

@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from helpers import event_files, read_events, requires, scalars
+from normlog._step import histogram_tag, norm_tag
 
 
 def test_keras_mirrored_strategy_logs_the_summed_gradients_once(tmp_path) -> None:
@@ -26,7 +27,7 @@ def test_keras_mirrored_strategy_logs_the_summed_gradients_once(tmp_path) -> Non
     assert result["replicas"] == 2
     events = read_events(str(tmp_path))
     for name, norms in result["expected"].items():
-        logged = scalars(events, f"gradients/{name}/norm")
+        logged = scalars(events, norm_tag("gradients", name))
         assert [logged[step] for step in range(len(norms))] == pytest.approx(norms, rel=1e-5), name
-        assert len(events.Histograms(f"gradients/{name}")) == len(norms)
+        assert len(events.Histograms(histogram_tag("gradients", name))) == len(norms)
     assert len(event_files(str(tmp_path))) == 1

@@ -14,8 +14,11 @@ from helpers import read_events, requires, row_histogram, scalars
 tf = requires("tensorflow")
 keras = requires("keras")
 
+from test_keras_watch import nonfinite_of  # noqa: E402
+
 import normlog  # noqa: E402
 import normlog.keras  # noqa: E402
+from normlog._step import histogram_tag, norm_tag, parse_tag, ratio_tag  # noqa: E402
 
 
 def small_model() -> keras.Model:
@@ -39,9 +42,9 @@ def test_a_gradient_tape_loop_with_log_gradients_writes_its_norms(tmp_path) -> N
     events = read_events(str(tmp_path))
     for variable, grad in zip(model.trainable_variables, grads):
         name = variable.path.removeprefix("net/")
-        assert scalars(events, f"gradients/{name}/norm")[0] == pytest.approx(np.linalg.norm(grad.numpy()), rel=1e-6)
-        assert len(events.Histograms(f"gradients/{name}")) == 1
-    assert not any(tag.startswith("parameters/") for tag in events.Tags()["scalars"])
+        assert scalars(events, norm_tag("gradients", name))[0] == pytest.approx(np.linalg.norm(grad.numpy()), rel=1e-6)
+        assert len(events.Histograms(histogram_tag("gradients", name))) == 1
+    assert not any(getattr(parse_tag(tag), "kind", "") == "parameters" for tag in events.Tags()["scalars"])
 
 
 def test_nan_and_inf_in_the_weights_are_counted_as_in_pytorch(tmp_path) -> None:
@@ -56,8 +59,8 @@ def test_nan_and_inf_in_the_weights_are_counted_as_in_pytorch(tmp_path) -> None:
         model.fit(np.ones((4, 4), "float32"), np.zeros((4, 3), "float32"), batch_size=4, verbose=0, callbacks=[watcher])
     watcher.unwatch()
     events = read_events(str(tmp_path))
-    assert scalars(events, "parameters/dense/kernel/nonfinite")[0] == 2  # counted as numpy counts them
-    assert math.isnan(scalars(events, "parameters/dense/kernel/norm")[0])
+    assert scalars(events, nonfinite_of("parameters", "dense/kernel"))[0] == 2  # counted as numpy counts them
+    assert math.isnan(scalars(events, norm_tag("parameters", "dense/kernel"))[0])
     assert any("NaN/Inf values in the parameters of 'dense/kernel' at step 0" in str(w.message) for w in caught)
 
 
@@ -69,8 +72,8 @@ def test_a_zero_weight_writes_no_update_ratio(tmp_path) -> None:
     model.fit(np.ones((4, 4), "float32"), np.zeros((4, 3), "float32"), batch_size=4, verbose=0, callbacks=[watcher])
     watcher.unwatch()
     tags = read_events(str(tmp_path)).Tags()["scalars"]
-    assert "updates/dense/kernel/ratio" in tags
-    assert "updates/dense/bias/ratio" not in tags
+    assert ratio_tag("dense/kernel") in tags
+    assert ratio_tag("dense/bias") not in tags
 
 
 @pytest.mark.parametrize(

@@ -20,10 +20,20 @@ keras = requires("keras")
 
 import normlog  # noqa: E402
 import normlog.keras  # noqa: E402
+from normlog._step import GLOBAL_NORM, LOSS_SCALE, histogram_tag, norm_tag, ratio_tag  # noqa: E402
 
 RNG = np.random.default_rng(7)
 X = RNG.normal(size=(256, 8)).astype("float32")
 Y = (X[:, :1] + X[:, 1:2] > 0).astype("float32")
+
+
+def nonfinite_of(kind: str, name: str) -> str:
+    """The tag of a tensor's NaN/Inf count, whatever the scheme spells it (`parse_tag` reads it)."""
+    from normlog import _step
+
+    if hasattr(_step, "nonfinite_count_tag"):
+        return str(_step.nonfinite_count_tag(kind, name))
+    return str(_step.nonfinite_tag(histogram_tag(kind, name)))
 
 
 def make_model(optimizer=None, **compile_options) -> keras.Model:
@@ -59,10 +69,10 @@ def test_step_zero_gradient_norms_equal_a_manual_gradient_tape(tmp_path) -> None
     expected = tape_gradients(model, X[:32], Y[:32])
     events = fit_watched(model, tmp_path)
     for name, grad in expected.items():
-        assert scalars(events, f"gradients/{name}/norm")[0] == pytest.approx(np.linalg.norm(grad), rel=1e-5)
+        assert scalars(events, norm_tag("gradients", name))[0] == pytest.approx(np.linalg.norm(grad), rel=1e-5)
     total = math.sqrt(sum(float(np.sum(g.astype(np.float64) ** 2)) for g in expected.values()))
-    assert scalars(events, "gradients/global_norm")[0] == pytest.approx(total, rel=1e-5)
-    assert sorted(scalars(events, "gradients/dense/kernel/norm")) == list(range(8))  # steps are batches
+    assert scalars(events, GLOBAL_NORM)[0] == pytest.approx(total, rel=1e-5)
+    assert sorted(scalars(events, norm_tag("gradients", "dense/kernel"))) == list(range(8))  # steps are batches
 
 
 def test_histograms_equal_the_cores_and_follow_histogram_every(tmp_path) -> None:
@@ -70,10 +80,10 @@ def test_histograms_equal_the_cores_and_follow_histogram_every(tmp_path) -> None
     expected = tape_gradients(model, X[:32], Y[:32])
     weights = {v.path.removeprefix("net/"): v.numpy() for v in model.trainable_variables}
     events = fit_watched(model, tmp_path, histogram_every=3)
-    assert [e.step for e in events.Histograms("gradients/dense/kernel")] == [0, 3, 6]
+    assert [e.step for e in events.Histograms(histogram_tag("gradients", "dense/kernel"))] == [0, 3, 6]
     for kind, arrays in (("gradients", expected), ("parameters", weights)):
         for name, array in arrays.items():
-            value = events.Histograms(f"{kind}/{name}")[0].histogram_value
+            value = events.Histograms(histogram_tag(kind, name))[0].histogram_value
             core = normlog.histogram(array)
             filled = np.flatnonzero(core.counts)
             np.testing.assert_array_equal(value.bucket, core.counts[filled[0] : filled[-1] + 1])
@@ -105,10 +115,10 @@ def test_update_ratio_is_the_relative_size_of_the_step(tmp_path) -> None:
     for variable, old in zip(model.trainable_variables, before):
         name = variable.path.removeprefix("net/")
         if not np.any(old):  # a zero-initialised bias has no relative update: none is written
-            assert f"updates/{name}/ratio" not in events.Tags()["scalars"]
+            assert ratio_tag(name) not in events.Tags()["scalars"]
             continue
         expected = np.linalg.norm(variable.numpy() - old) / np.linalg.norm(old)
-        assert scalars(events, f"updates/{name}/ratio")[0] == pytest.approx(expected, rel=1e-5)
+        assert scalars(events, ratio_tag(name))[0] == pytest.approx(expected, rel=1e-5)
 
 
 def test_watching_changes_no_checkpoint(tmp_path) -> None:
@@ -129,7 +139,7 @@ def test_a_train_function_traced_before_watching_is_retraced(tmp_path) -> None:
     model = make_model()
     model.fit(X, Y, batch_size=64, epochs=1, verbose=0)  # traces without the hook
     fit_watched(model, tmp_path, batch_size=64)
-    assert len(scalars(read_events(str(tmp_path)), "gradients/global_norm")) == 4
+    assert len(scalars(read_events(str(tmp_path)), GLOBAL_NORM)) == 4
 
 
 def test_non_trainable_and_gradient_less_variables_are_skipped(tmp_path) -> None:
@@ -142,7 +152,7 @@ def test_non_trainable_and_gradient_less_variables_are_skipped(tmp_path) -> None
     model.compile(optimizer="adam", loss="mse")
     fit_watched(model, tmp_path, batch_size=64, strict=True, histogram_every=1)
     tags = set(read_events(str(tmp_path)).Tags()["scalars"])
-    assert {"gradients/head/kernel/norm", "gradients/norm/gamma/norm"} <= tags
+    assert {norm_tag("gradients", "head/kernel"), norm_tag("gradients", "norm/gamma")} <= tags
     assert not any("frozen" in tag or "moving_mean" in tag for tag in tags)
 
 
@@ -151,7 +161,7 @@ def test_global_clipnorm_logs_the_norm_before_clipping(tmp_path) -> None:
     expected = tape_gradients(model, X[:32], Y[:32])
     fit_watched(model, tmp_path)
     total = math.sqrt(sum(float(np.sum(g.astype(np.float64) ** 2)) for g in expected.values()))
-    logged = scalars(read_events(str(tmp_path)), "gradients/global_norm")[0]
+    logged = scalars(read_events(str(tmp_path)), GLOBAL_NORM)[0]
     assert logged == pytest.approx(total, rel=1e-5) and logged > 100 * 1e-3
 
 
@@ -159,7 +169,7 @@ def test_gradient_accumulation_logs_every_micro_batch(tmp_path) -> None:
     model = make_model(keras.optimizers.SGD(0.1, gradient_accumulation_steps=2))
     expected = tape_gradients(model, X[:32], Y[:32])
     fit_watched(model, tmp_path)
-    logged = scalars(read_events(str(tmp_path)), "gradients/dense/kernel/norm")
+    logged = scalars(read_events(str(tmp_path)), norm_tag("gradients", "dense/kernel"))
     assert sorted(logged) == list(range(8))
     assert logged[0] == pytest.approx(np.linalg.norm(expected["dense/kernel"]), rel=1e-5)
 
@@ -168,28 +178,28 @@ def test_loss_scale_optimizer_logs_unscaled_gradients_and_the_scale(tmp_path) ->
     model = make_model(keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.1)))
     expected = tape_gradients(model, X[:32], Y[:32])
     events = fit_watched(model, tmp_path)
-    assert scalars(events, "gradients/dense/kernel/norm")[0] == pytest.approx(
+    assert scalars(events, norm_tag("gradients", "dense/kernel"))[0] == pytest.approx(
         np.linalg.norm(expected["dense/kernel"]), rel=1e-5
     )
-    assert scalars(events, "amp/loss_scale")[0] == model.optimizer.initial_scale
+    assert scalars(events, LOSS_SCALE)[0] == model.optimizer.initial_scale
 
 
 def test_steps_per_execution_logs_the_last_step_of_each_execution(tmp_path) -> None:
     model = make_model(steps_per_execution=4)
     events = fit_watched(model, tmp_path, histogram_every=2)
-    assert sorted(scalars(events, "gradients/global_norm")) == [3, 7]
+    assert sorted(scalars(events, GLOBAL_NORM)) == [3, 7]
     # a histogram step inside an execution is kept until the callback reads it
-    assert [e.step for e in events.Histograms("gradients/dense/kernel")] == [2, 6]
+    assert [e.step for e in events.Histograms(histogram_tag("gradients", "dense/kernel"))] == [2, 6]
 
 
 def test_xla_compiled_train_step(tmp_path) -> None:
     model = make_model(jit_compile=True)
     expected = tape_gradients(model, X[:32], Y[:32])
     events = fit_watched(model, tmp_path, histogram_every=4)
-    assert scalars(events, "gradients/dense/kernel/norm")[0] == pytest.approx(
+    assert scalars(events, norm_tag("gradients", "dense/kernel"))[0] == pytest.approx(
         np.linalg.norm(expected["dense/kernel"]), rel=1e-5
     )
-    assert [e.step for e in events.Histograms("gradients/dense/kernel")] == [0, 4]
+    assert [e.step for e in events.Histograms(histogram_tag("gradients", "dense/kernel"))] == [0, 4]
 
 
 def test_nonfinite_gradients_are_counted_and_warned_about(tmp_path) -> None:
@@ -198,7 +208,7 @@ def test_nonfinite_gradients_are_counted_and_warned_about(tmp_path) -> None:
     x[40, 0] = np.nan  # batch 1
     with pytest.warns(RuntimeWarning, match=r"NaN/Inf values in the gradients of 'dense/kernel' at step 1"):
         fit_watched(model, tmp_path, x=x)
-    nonfinite = scalars(read_events(str(tmp_path)), "gradients/dense/kernel/nonfinite")
+    nonfinite = scalars(read_events(str(tmp_path)), nonfinite_of("gradients", "dense/kernel"))
     assert min(nonfinite) == 1 and nonfinite[1] > 0
 
 
@@ -235,10 +245,10 @@ def test_custom_loops_log_gradients_and_eager_apply_gradients(tmp_path) -> None:
     watcher.unwatch()  # closes the writers watch made
     tape_watcher.unwatch()
     for run, steps in (("apply", [0, 1, 2]), ("tape", [0, 10, 20])):
-        logged = scalars(read_events(str(tmp_path / run)), "gradients/dense/kernel/norm")
+        logged = scalars(read_events(str(tmp_path / run)), norm_tag("gradients", "dense/kernel"))
         assert sorted(logged) == steps
         assert [logged[s] for s in steps] == pytest.approx(norms, rel=1e-5)
-    assert "gradients/dense/kernel" in read_events(str(tmp_path / "tape")).Tags()["histograms"]
+    assert histogram_tag("gradients", "dense/kernel") in read_events(str(tmp_path / "tape")).Tags()["histograms"]
     assert "apply" not in optimizer.__dict__
 
 
@@ -277,7 +287,7 @@ def test_a_trainable_layer_outside_the_forward_pass_is_skipped(tmp_path) -> None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Keras' own warning about the missing gradients
         events = fit_watched(model, tmp_path, batch_size=64, strict=True, histogram_every=1)
-    assert len(scalars(events, "gradients/used/kernel/norm")) == 4
+    assert len(scalars(events, norm_tag("gradients", "used/kernel"))) == 4
     assert not any("unused" in tag for tag in events.Tags()["scalars"] + events.Tags()["histograms"])
 
 
@@ -291,7 +301,7 @@ def test_mixed_float16_policy_logs_unscaled_float32_gradient_norms(tmp_path) -> 
     finally:
         keras.mixed_precision.set_global_policy("float32")
     events = read_events(str(tmp_path))
-    logged = scalars(events, "gradients/dense/kernel/norm")[0]
+    logged = scalars(events, norm_tag("gradients", "dense/kernel"))[0]
     assert logged == pytest.approx(np.linalg.norm(expected["dense/kernel"].astype(np.float64)), rel=1e-3)
-    assert scalars(events, "amp/loss_scale")[0] == model.optimizer.initial_scale
-    assert events.Histograms("gradients/dense/kernel")[0].histogram_value.max < 1e3  # unscaled values
+    assert scalars(events, LOSS_SCALE)[0] == model.optimizer.initial_scale
+    assert events.Histograms(histogram_tag("gradients", "dense/kernel"))[0].histogram_value.max < 1e3  # unscaled values

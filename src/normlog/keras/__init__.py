@@ -1,11 +1,141 @@
 """Keras adapter: `normlog.keras.watch(model)` is a callback that logs the gradients each training
 step used.
 
-Rules: only this package imports Keras or TensorFlow. `_callback` wraps the optimizer and
-writes each logged step through `normlog._step`; `_graph` computes the statistics inside the
-traced step, with the core's rules.
+Rules: only this package imports Keras or TensorFlow, and TensorFlow only where Keras runs on
+it: this file imports Keras alone and checks what it was given (a Keras model or optimizer)
+and the backend before any file is made. `_callback` wraps the optimizers and writes each
+logged step through `normlog._step`; `_graph` computes the statistics inside the traced
+step, with the core's rules.
 """
 
-from normlog.keras._callback import Watcher, unwatch, watch
+from __future__ import annotations
+
+import weakref
+from typing import TYPE_CHECKING, Any, Literal
+
+import keras
+
+from normlog.health import Thresholds
+
+if TYPE_CHECKING:
+    from normlog.keras._callback import Watcher
+    from normlog.writer import Writer
 
 __all__ = ["Watcher", "unwatch", "watch"]
+
+# model or optimizer -> its Watcher; weak so that watching never keeps a model alive.
+_WATCHERS: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+
+
+def __getattr__(name: str) -> Any:
+    if name == "Watcher":  # the class lives with TensorFlow: imported when asked for
+        from normlog.keras._callback import Watcher
+
+        return Watcher
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _check_target(target: Any) -> None:
+    if not isinstance(target, (keras.Model, keras.optimizers.Optimizer)):
+        kind = f"{type(target).__module__}.{type(target).__qualname__}"
+        hint = ""
+        if isinstance(target, keras.layers.Layer):
+            hint = " A Layer: watch the keras.Model that trains it."
+        elif kind.startswith("torch."):
+            hint = " A PyTorch module: use normlog.watch(module)."
+        raise TypeError(f"normlog.keras.watch needs a keras.Model or a keras.optimizers.Optimizer, got {kind}.{hint}")
+
+
+def _check_backend() -> None:
+    backend = keras.backend.backend()
+    if backend != "tensorflow":
+        raise RuntimeError(
+            f"normlog.keras supports Keras 3 with the TensorFlow backend; this process uses {backend!r}. "
+            "Set KERAS_BACKEND=tensorflow, or log with normlog.Writer from your own loop."
+        )
+
+
+def watch(
+    model: Any,
+    logdir: str | None = None,
+    *,
+    writer: Writer | None = None,
+    name: str | None = None,
+    log: Literal["gradients", "parameters", "all"] = "all",
+    every: int = 1,
+    histogram_every: int | None = 100,
+    update_every: int | None = 100,
+    optimizer: keras.optimizers.Optimizer | None = None,
+    step: int | None = None,
+    bins: int = 30,
+    strict: bool = False,
+    health: bool | Thresholds = True,
+    health_via: Literal["warnings", "logging"] = "warnings",
+) -> Watcher:
+    """A callback for `model.fit(..., callbacks=[...])` that logs, per training step (batch),
+    the gradient each step really used and the weights: norms every `every` steps,
+    histograms every `histogram_every`, update ratios every `update_every`.
+
+    The gradients are the raw ones handed to the optimizer: before `global_clipnorm`
+    clipping, before `gradient_accumulation_steps` averaging, and unscaled for mixed
+    precision; a step that a loss-scale optimizer skips (Inf/NaN) is written as
+    `amp/skipped_step`, not as a finding.
+
+    Args:
+        model: the keras.Model to watch (its `optimizer`, and the other optimizers it holds
+            as attributes, as a GAN's `train_step` uses), or a keras Optimizer alone.
+        logdir: the run directory (default `runs/<date>_<host>`), or `writer=` a
+            `normlog.Writer`.
+        name: write into the run `<logdir>/<name>` (or `<writer.logdir>/<name>`), so that
+            two watchers in one run keep their own tags.
+        optimizer: watch this optimizer instead of `model.optimizer` (custom loops).
+        step: the index of the first step seen; default: the optimizer's `iterations`, so
+            a resumed run continues its steps.
+        health, health_via: the training-health rules, as in `normlog.watch`.
+
+    Raises:
+        TypeError: `model` is not a Keras model or optimizer (no file is made).
+        RuntimeError: Keras runs on a backend other than TensorFlow.
+
+    Example:
+        >>> model.fit(x, y, callbacks=[normlog.keras.watch(model, "runs/mlp")])  # doctest: +SKIP
+    """
+    _check_target(model)
+    _check_backend()
+    from normlog.keras._callback import find_optimizers, make_watcher
+
+    # Watching again (a notebook cell run twice) replaces the watcher of the same optimizers.
+    mine = [optimizer if optimizer is not None else getattr(model, "optimizer", None)]
+    if isinstance(model, keras.Model) and optimizer is None:
+        mine += list(find_optimizers(model).values())
+    if isinstance(model, keras.optimizers.Optimizer):
+        mine = [model]
+    for watched, old in list(_WATCHERS.items()):
+        if any(o is not None and any(o is w for w in old.optimizers) for o in mine):
+            old.unwatch()
+            _WATCHERS.pop(watched, None)
+    watcher = make_watcher(
+        model,
+        logdir,
+        writer,
+        name,
+        log=log,
+        every=every,
+        histogram_every=histogram_every,
+        update_every=update_every,
+        optimizer=optimizer,
+        step=step,
+        bins=bins,
+        strict=strict,
+        health=health,
+        health_via=health_via,
+    )
+    _WATCHERS[model] = watcher
+    return watcher
+
+
+def unwatch(model: Any) -> None:
+    """Restore the optimizers `watch` wrapped for `model`, if any, and close the writer it made."""
+    watcher = _WATCHERS.pop(model, None)
+    if watcher is not None:
+        watcher.unwatch()

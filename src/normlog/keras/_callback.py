@@ -1,46 +1,74 @@
-"""The Keras `Watcher` callback: wraps the optimizer's `apply`, and writes each logged step.
+"""The Keras `Watcher` callback (TensorFlow backend): wraps the optimizers' `apply`, and
+writes each logged step.
 
 Rules: gradients are caught in the optimizer's `apply`, wrapped on the optimizer instance:
-the one point that `fit`'s train step and custom `apply_gradients` loops both pass. With
-the TensorFlow backend the statistics are computed inside the traced step (`_graph`) and
-reach the host as one small vector per batch; what a step writes is `normlog._step`'s.
+the one point that `fit`'s train step and custom `apply_gradients` loops both pass. The
+statistics are computed inside the traced step (`_graph`) and reach the host as one small
+vector per logged step; what a step writes is `normlog._step`'s. Each watched optimizer
+(a GAN's two) counts its own steps; the steps they share are written as one record.
 """
 
 from __future__ import annotations
 
-import math
+import atexit
 import threading
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from normlog import _rows
-from normlog._step import LOSS_SCALE, Group, Recorder, Updates
+from normlog._step import LOSS_SCALE, SKIPPED_STEP, Group, Recorder, Updates
 from normlog._watching import Guard, check_options
 from normlog.health import Finding, Monitor, Thresholds
-from normlog.keras._graph import State, histogram_row, nonfinite, norm
+from normlog.keras._graph import State, in_order, variable_names
 from normlog.writer import Writer
 
-__all__ = ["Watcher", "unwatch", "watch"]
+__all__ = ["Watcher", "find_optimizers", "make_watcher"]
 
 Log = Literal["gradients", "parameters", "all"]
 
-# model -> its Watcher; weak so that watching never keeps a model alive.
-_WATCHERS: weakref.WeakKeyDictionary[Any, Watcher] = weakref.WeakKeyDictionary()
+# Every live watcher, so that a process that ends with steps never written says so.
+_LIVE: weakref.WeakSet[Watcher] = weakref.WeakSet()
+
+_PRIMARY = "optimizer"  # the slot of model.optimizer, or of optimizer= (whichever instance it is now)
 
 
-def _check_backend() -> None:
-    backend = keras.backend.backend()
-    if backend != "tensorflow":
-        raise RuntimeError(
-            f"normlog.keras supports Keras 3 with the TensorFlow backend; this process uses {backend!r}. "
-            "Set KERAS_BACKEND=tensorflow, or log with normlog.Writer from your own loop."
-        )
+def find_optimizers(model: Any) -> dict[str, keras.optimizers.Optimizer]:
+    """The optimizers a model holds as attributes besides `model.optimizer` (a GAN's
+    `d_optimizer` and `g_optimizer`, set in its own `compile`), by attribute name."""
+    primary = getattr(model, "optimizer", None)
+    found: dict[str, keras.optimizers.Optimizer] = {}
+    for name, value in vars(model).items():
+        if isinstance(value, keras.optimizers.Optimizer) and value is not primary and name != "_optimizer":
+            if all(value is not other for other in found.values()):
+                found[name] = value
+    return found
+
+
+@dataclass
+class _Slot:
+    """One watched optimizer: its step counter (a tf.Variable the traced step advances), the
+    States of the variable sets it has applied, and what the host has read of them."""
+
+    name: str
+    first_step: int
+    step: tf.Variable | None = None
+    states: dict[tuple[int, ...], State] = field(default_factory=dict)
+    optimizers: list[Any] = field(default_factory=list)  # wrapped, with their apply() count then
+    applied_at_wrap: dict[int, int] = field(default_factory=dict)
+
+
+def _applied(optimizer: Any) -> int:
+    """How many times the optimizer's update ran (every micro-batch under gradient
+    accumulation; a loss-scale optimizer's skipped steps not counted)."""
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    # Keras' raw counter: `iterations` divides it by gradient_accumulation_steps
+    counter = getattr(inner, "_iterations", None)
+    return int(counter.numpy()) if counter is not None else int(inner.iterations.numpy())
 
 
 class Watcher(keras.callbacks.Callback):  # type: ignore[misc]
@@ -48,7 +76,7 @@ class Watcher(keras.callbacks.Callback):  # type: ignore[misc]
 
     def __init__(
         self,
-        model: keras.Model,
+        target: Any,
         writer: Writer,
         *,
         owns_writer: bool,
@@ -57,6 +85,7 @@ class Watcher(keras.callbacks.Callback):  # type: ignore[misc]
         histogram_every: int | None,
         update_every: int | None,
         optimizer: keras.optimizers.Optimizer | None,
+        step: int | None,
         bins: int,
         strict: bool,
         health: bool | Thresholds,
@@ -64,33 +93,72 @@ class Watcher(keras.callbacks.Callback):  # type: ignore[misc]
     ) -> None:
         super().__init__()
         check_options(log, every, histogram_every, update_every)
+        if step is not None and (not isinstance(step, int) or step < 0):
+            raise ValueError(f"step must be a non-negative int (the first step's index), got {step!r}")
+        is_optimizer = isinstance(target, keras.optimizers.Optimizer)
+        model = None if is_optimizer else target
+        optimizer = target if is_optimizer else optimizer
         self.writer = writer
         self._owns_writer = owns_writer
-        self._watched = weakref.ref(model)
+        self._watched = weakref.ref(model) if model is not None else None
+        self._fixed_optimizer = optimizer is not None
         self._log_gradients = log in ("gradients", "all")
         self._log_parameters = log in ("parameters", "all")
         self._every = every
         self._histogram_every = histogram_every
         self._update_every = update_every if self._log_parameters else None
         self._bins = bins
+        self._first_step = step
         self._guard = Guard(strict)
-        self._wrapped: list[keras.optimizers.Optimizer] = []
-        self._state: State | None = None
-        self._written = {"stats": -1, "histograms": -1, "updates": -1}
+        self._slots: dict[str, _Slot] = {}
+        self._written: dict[tuple[int, str], int] = {}  # (id(state), what) -> last step written
+        self._lock = threading.Lock()
         monitor = Monitor(health if isinstance(health, Thresholds) else None) if health else None
         self._recorder = Recorder(writer, self._guard, bins, monitor, health_via)
-        self._wrap(optimizer if optimizer is not None else getattr(model, "optimizer", None))
+        self._install(model, optimizer)
+        _LIVE.add(self)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Watcher:
+        # keras-tuner deep-copies the callbacks of every trial. A watcher owns an open event
+        # file and hooks on optimizers: the copy is the watcher itself, so every trial logs
+        # into the one run, with its steps continuing.
+        return self
+
+    @property
+    def optimizers(self) -> list[Any]:
+        """The optimizers (and their inner ones) whose `apply` this watcher wraps."""
+        return [optimizer for slot in self._slots.values() for optimizer in slot.optimizers]
 
     @property
     def step(self) -> int:
-        """Optimizer updates seen so far (the next step's index)."""
-        return 0 if self._state is None else int(self._state.step.numpy())
+        """Optimizer updates seen so far by the main optimizer (the next step's index)."""
+        slot = self._slots.get(_PRIMARY)
+        if slot is None or slot.step is None:
+            return 0 if self._first_step is None else self._first_step
+        return int(slot.step.numpy())
 
     # -- installing ------------------------------------------------------------------
 
-    def _wrap(self, optimizer: keras.optimizers.Optimizer | None) -> None:
-        if optimizer is None or any(wrapped is optimizer for wrapped in self._wrapped):
+    def _install(self, model: Any, optimizer: Any) -> None:
+        """Wrap the main optimizer and, without optimizer=, the others the model holds."""
+        self._wrap(_PRIMARY, optimizer if optimizer is not None else getattr(model, "optimizer", None))
+        if model is not None and not self._fixed_optimizer:
+            for name, other in find_optimizers(model).items():
+                self._wrap(name, other)
+
+    def _slot(self, name: str, optimizer: Any) -> _Slot:
+        slot = self._slots.get(name)
+        if slot is None:
+            first = self._first_step if name == _PRIMARY and self._first_step is not None else _applied(optimizer)
+            slot = self._slots[name] = _Slot(name, first)
+        return slot
+
+    def _wrap(self, name: str, optimizer: keras.optimizers.Optimizer | None) -> None:
+        if optimizer is None or any(o is optimizer for s in self._slots.values() for o in s.optimizers):
             return
+        slot = self._slot(name, optimizer)
+        slot.optimizers.append(optimizer)
+        slot.applied_at_wrap[id(optimizer)] = _applied(optimizer)
         original = optimizer.apply  # the bound method of the class, or another wrapper
         # Under a tf.distribute strategy with several replicas, apply() sees each replica's
         # own gradients; the optimizer sums them in _all_reduce_sum_gradients, which is
@@ -113,7 +181,7 @@ class Watcher(keras.callbacks.Callback):  # type: ignore[misc]
                 finally:
                     armed.variables = None
             else:
-                pending = self._guard.safely(lambda: self._before_apply(optimizer, list(grads), variables or []))
+                pending = self._guard.safely(lambda: self._before_apply(slot, optimizer, list(grads), variables or []))
                 result = original(grads, trainable_variables)
             if pending is not None:
                 self._guard.safely(lambda: self._after_apply(pending, measure_update=True))
@@ -122,7 +190,6 @@ class Watcher(keras.callbacks.Callback):  # type: ignore[misc]
             return result
 
         optimizer.apply = apply
-        self._wrapped.append(optimizer)
         if reducer is not None:
             reduce_original = reducer._all_reduce_sum_gradients
 
@@ -134,121 +201,179 @@ class Watcher(keras.callbacks.Callback):  # type: ignore[misc]
                     pairs = [(g, by_value.get(id(v), v)) for g, v in reduced]
                     scale = _Unscaled() if reducer is not optimizer else optimizer
                     armed.pending = self._guard.safely(
-                        lambda: self._before_apply(scale, [g for g, _ in pairs], [v for _, v in pairs])
+                        lambda: self._before_apply(slot, scale, [g for g, _ in pairs], [v for _, v in pairs])
                     )
                 return reduced
 
             reducer._all_reduce_sum_gradients = all_reduce_sum_gradients
             if reducer is not optimizer:
-                self._wrapped.append(reducer)
-        model = self._watched()
+                slot.optimizers.append(reducer)
+        model = self._watched() if self._watched is not None else None
         if model is not None and getattr(model, "train_function", None) is not None:
             # fit traced its step before the hook existed: make it trace again, through the hook.
             model.make_train_function(force=True)
 
     # -- inside the (traced) train step -----------------------------------------------
 
-    def _before_apply(self, optimizer: Any, grads: list[Any], variables: list[Any]) -> _Pending:
-        """Statistics of this step's gradients and (pre-update) weights, as graph tensors."""
+    def _before_apply(self, slot: _Slot, optimizer: Any, grads: list[Any], variables: list[Any]) -> _Pending:
+        """Statistics of this step's gradients and (pre-update) weights, as graph tensors,
+        on the steps they are due; the due histogram step's tensors are stashed."""
         pairs = [(g, v) for g, v in zip(grads, variables) if g is not None]
-        state = self._ensure_state([v for _, v in pairs])
-        step = state.step.read_value()
-        index = {id(v): i for i, v in enumerate(state.variables)}
+        state = self._ensure_state(slot, [v for _, v in pairs])
+        assert slot.step is not None
+        step = slot.step.read_value()
         # The optimizer divides by its loss scale after this point: undo it here too.
         scale = tf.cast(optimizer.scale_loss(tf.constant(1.0)), tf.float64)
-        dense = [(tf.convert_to_tensor(g), v) for g, v in pairs if id(v) in index]
-        grad_of = {id(v): g for g, v in dense}
-        missing = tf.constant(math.nan, tf.float64)
-        grad_norms, grad_nonfinite = [], []
-        for variable in state.variables:
-            grad = grad_of.get(id(variable))
-            grad_norms.append(missing if grad is None else norm(grad) / scale)
-            grad_nonfinite.append(missing if grad is None else nonfinite(grad))
-        count = len(state.variables)
-        if self._log_parameters:
-            weights = [tf.convert_to_tensor(v) for v in state.variables]
-            weight_norms, weight_nonfinite = (
-                tf.stack([norm(w) for w in weights]),
-                tf.stack([nonfinite(w) for w in weights]),
-            )
-        else:
-            weight_norms = weight_nonfinite = tf.zeros([count], tf.float64)
+        grads = [tf.convert_to_tensor(g) for g, _ in pairs]
 
-        if self._histogram_every is not None:
+        def weights() -> list[tf.Tensor]:
+            return [tf.convert_to_tensor(v) for v in state.variables]
 
-            def histograms() -> tf.Tensor:
-                rows = []
-                if self._log_gradients:
-                    for variable in state.variables:
-                        grad = grad_of.get(id(variable))
-                        if grad is None:  # no gradient this step: a row of NaN, skipped on the host
-                            rows.append(tf.fill([_rows.width(self._bins)], missing))
-                        else:
-                            rows.append(histogram_row(grad / tf.cast(scale, grad.dtype), self._bins))
-                if self._log_parameters:
-                    rows += [histogram_row(tf.convert_to_tensor(v), self._bins) for v in state.variables]
-                state.histograms.assign(tf.stack(rows))
+        def reduce() -> tf.Tensor:
+            fields = []
+            for tensors, wanted in ((grads, self._log_gradients), (None, self._log_parameters)):
+                if not wanted:
+                    fields += [tf.zeros([len(state.variables)], tf.float64)] * 2
+                    continue
+                tensors = tensors if tensors is not None else weights()
+                norms, nonfinite = [], []
+                for group in state.fused:
+                    ids = group.ids()
+                    flat = group.flatten([tensors[p] for p in group.positions])
+                    sums = group.sums_of_squares(flat, ids)
+                    norms.append(tf.cast(tf.sqrt(sums), tf.float64))
+                    nonfinite.append(group.nonfinite(flat, ids, sums))
+                fields += [in_order(state.fused, norms), in_order(state.fused, nonfinite)]
+            fields[0] = fields[0] / scale
+            return tf.concat(fields, 0)
+
+        stats_due = tf.equal(step % self._every, 0)
+        empty = tf.zeros([4 * len(state.variables)], tf.float64)
+        stats = tf.cond(stats_due, reduce, lambda: empty)
+
+        if state.grad_stash or state.weight_stash:
+            assert self._histogram_every is not None
+
+            def stash() -> tf.Tensor:
+                for stashes, tensors in ((state.grad_stash, grads), (state.weight_stash, None)):
+                    if stashes:
+                        tensors = tensors if tensors is not None else weights()
+                        for group, variable in zip(state.fused, stashes):
+                            variable.assign(group.flatten([tensors[p] for p in group.positions]))
+                state.histogram_scale.assign(scale)
                 state.histogram_step.assign(step)
                 return tf.constant(True)
 
-            tf.cond(tf.equal(step % self._histogram_every, 0), histograms, lambda: tf.constant(False))
+            tf.cond(tf.equal(step % self._histogram_every, 0), stash, lambda: tf.constant(False))
 
-        due = tf.constant(False)
+        update_due = tf.constant(False)
         if self._update_every is not None and state.shadows:
-            due = tf.equal(step % self._update_every, 0)
+            update_due = tf.equal(step % self._update_every, 0)
 
             def snapshot() -> tf.Tensor:
-                for shadow, variable in zip(state.shadows, state.variables):
-                    shadow.assign(variable)
+                current = weights()
+                for group, shadow in zip(state.fused, state.shadows):
+                    shadow.assign(group.flatten([current[p] for p in group.positions]))
                 return tf.constant(True)
 
-            tf.cond(due, snapshot, lambda: tf.constant(False))
-        state.step.assign_add(1)
-        fields = [tf.stack(grad_norms), tf.stack(grad_nonfinite), weight_norms, weight_nonfinite]
-        scalars = tf.concat([tf.stack([scale]), *fields], 0)
-        return _Pending(step, due, scalars)
+            tf.cond(update_due, snapshot, lambda: tf.constant(False))
+        slot.step.assign_add(1)
+        return _Pending(state, step, optimizer, scale, stats_due, stats, update_due)
 
     def _after_apply(self, pending: _Pending, measure_update: bool) -> None:
-        """After the optimizer's update: the update ratios if due, then one vector that the
-        callback reads with a single transfer."""
-        state = self._state
-        assert state is not None
+        """After the optimizer's update: the update norms if due, then, on a logged step, one
+        vector that the callback reads with a single transfer."""
+        state = pending.state
         if measure_update and state.shadows:
-            variables, shadows = state.variables, state.shadows
 
             def measure() -> tf.Tensor:
-                pairs = [(tf.convert_to_tensor(v), tf.convert_to_tensor(w)) for v, w in zip(variables, shadows)]
-                update_norms = tf.stack([norm(after - before) for after, before in pairs])
-                state.updates.assign(tf.stack([update_norms, tf.stack([norm(before) for _, before in pairs])]))
+                after = [tf.convert_to_tensor(v) for v in state.variables]
+                update_norms, weight_norms = [], []
+                for group, shadow in zip(state.fused, state.shadows):
+                    ids = group.ids()
+                    before = tf.convert_to_tensor(shadow)
+                    delta = group.flatten([after[p] for p in group.positions]) - before
+                    update_norms.append(tf.cast(tf.sqrt(group.sums_of_squares(delta, ids)), tf.float64))
+                    weight_norms.append(tf.cast(tf.sqrt(group.sums_of_squares(before, ids)), tf.float64))
+                state.updates.assign(
+                    tf.stack([in_order(state.fused, update_norms), in_order(state.fused, weight_norms)])
+                )
                 state.update_step.assign(pending.step)
                 return tf.constant(True)
 
-            tf.cond(pending.due, measure, lambda: tf.constant(False))
-        steps = tf.cast(
-            tf.stack([pending.step, state.histogram_step.read_value(), state.update_step.read_value()]), tf.float64
-        )
-        state.summary.assign(tf.concat([steps, pending.scalars], 0))
+            tf.cond(pending.update_due, measure, lambda: tf.constant(False))
+        # A loss-scale optimizer that found Inf/NaN skips the update and lowers its scale.
+        scale_after = tf.cast(pending.scaler.scale_loss(tf.constant(1.0)), tf.float64)
+        skipped = tf.cast(scale_after < pending.scale, tf.float64)
 
-    def _ensure_state(self, variables: list[Any]) -> State:
-        if self._state is None:
+        def publish() -> tf.Tensor:
+            head = tf.stack([tf.cast(pending.step, tf.float64), pending.scale, skipped])
+            state.summary.assign(tf.concat([head, pending.stats], 0))
+            return tf.constant(True)
+
+        tf.cond(pending.stats_due, publish, lambda: tf.constant(False))
+
+    def _ensure_state(self, slot: _Slot, variables: list[Any]) -> State:
+        keys = tuple(id(v) for v in variables)
+        state = slot.states.get(keys)
+        if state is None:
             with tf.init_scope():  # created eagerly even when first reached inside a trace
-                model = self._watched()
-                name = model.name if model is not None else ""
-                kinds = self._log_gradients + self._log_parameters
-                shadows = self._update_every is not None
-                self._state = State(variables, self._bins, kinds, shadows=shadows, model_name=name)
-        return self._state
+                if slot.step is None:
+                    slot.step = tf.Variable(tf.constant(slot.first_step, tf.int64), trainable=False)
+                model = self._watched() if self._watched is not None else None
+                names = variable_names(variables, model.name if model is not None else "")
+                stash = self._histogram_every is not None
+                state = State(
+                    variables,
+                    names,
+                    self._bins,
+                    self._log_gradients,
+                    self._log_parameters,
+                    stash=stash,
+                    shadows=self._update_every is not None,
+                )
+                slot.states[keys] = state
+        return state
 
     # -- on the host ---------------------------------------------------------------------
 
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
-        self._guard.safely(lambda: self._wrap(getattr(self.model, "optimizer", None)))
+        def install() -> None:
+            if self._fixed_optimizer:
+                return
+            self._install(self.model, None)
+            spe = int(getattr(self.model, "steps_per_execution", 1) or 1)
+            if spe > 1 and self._every % spe:
+                self._guard.warn_once(
+                    "steps_per_execution",
+                    f"normlog: steps_per_execution={spe}: the callback reads once per execution, so of the steps "
+                    f"due every {self._every} it logs the last in each execution of {spe} steps",
+                )
+
+        self._guard.safely(install)
+        self._counted_at_begin = self._counted()
 
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         self._guard.safely(self.write_pending)
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
-        self._guard.safely(self.writer.flush)
+        def end() -> None:
+            if self._counted() == getattr(self, "_counted_at_begin", -1) and not self._fixed_optimizer:
+                found = ", ".join(find_optimizers(self.model)) or "none"
+                self._guard.warn_once(
+                    "no-step",
+                    "normlog: fit ran but no watched optimizer applied a gradient: the train_step applies an "
+                    f"optimizer that is neither model.optimizer nor an attribute of the model (attributes found: "
+                    f"{found}). Pass it: normlog.keras.watch(model, optimizer=...), one watcher per optimizer "
+                    "with name=.",
+                )
+            self.check_gaps()
+            self.writer.flush()
+
+        self._guard.safely(end)
+
+    def _counted(self) -> int:
+        return sum(int(s.step.numpy()) for s in self._slots.values() if s.step is not None)
 
     def log_gradients(self, grads: Sequence[Any], variables: Sequence[Any], step: int | None = None) -> None:
         """Log one step's gradients from a hand-written loop (a `tf.GradientTape` loop that
@@ -256,61 +381,98 @@ class Watcher(keras.callbacks.Callback):  # type: ignore[misc]
         grads, variables = list(grads), list(variables)
 
         def record() -> None:
-            state = self._ensure_state([v for g, v in zip(grads, variables) if g is not None])
+            slot = self._slots.get("log_gradients") or self._slot("log_gradients", _NoOptimizer())
+            self._ensure_state(slot, [v for g, v in zip(grads, variables) if g is not None])
+            assert slot.step is not None
             if step is not None:
-                state.step.assign(step)
-            self._after_apply(self._before_apply(_Unscaled(), grads, variables), measure_update=False)
+                slot.step.assign(step)
+            pending = self._before_apply(slot, _Unscaled(), grads, variables)
+            self._after_apply(pending, measure_update=False)
             self.write_pending()
 
         self._guard.safely(record)
 
     def write_pending(self) -> None:
-        """Write what the last step recorded, if it is a logged step. `fit` calls this after
+        """Write what the last logged step recorded, if not written yet. `fit` calls this after
         every batch, and eager custom loops after every `apply`; a custom loop whose step is a
         `tf.function` calls it after each step."""
-        state = self._state
-        if state is None:
-            return
-        (step, histogram_step, update_step), scale, fields = state.layout.read(state.summary.numpy())
-        present = ~np.isnan(fields["grad_nonfinite"])  # variables that had a gradient this step
-        names = np.array(state.names, dtype=object)
-        records: dict[int, dict[str, Any]] = {}
-        if step >= 0 and step != self._written["stats"] and step % self._every == 0:
-            self._written["stats"] = step
-            groups = records.setdefault(step, {}).setdefault("groups", [])
-            if self._log_gradients:
-                grads = Group("gradients", list(names[present]), fields["grad_norms"][present])
-                grads.nonfinite = fields["grad_nonfinite"][present]
-                groups.append(grads)
-            if self._log_parameters:
-                groups.append(Group("parameters", state.names, fields["weight_norms"], fields["weight_nonfinite"]))
-            if scale != 1.0:
-                records[step]["scalars"] = [(LOSS_SCALE, scale)]
-        if histogram_step >= 0 and histogram_step != self._written["histograms"]:
-            self._written["histograms"] = histogram_step
-            records.setdefault(histogram_step, {}).setdefault("groups", [])
-            records[histogram_step]["histograms"] = self._histogram_groups(state)
-        if update_step >= 0 and update_step != self._written["updates"]:
-            self._written["updates"] = update_step
-            update_norms, weight_norms = state.updates.numpy()
-            records.setdefault(update_step, {})["updates"] = Updates(state.names, update_norms, weight_norms)
-        for at, record in sorted(records.items()):
-            groups = _with_rows(record.get("groups", []), record.get("histograms", []))
-            self._recorder.record(at, groups, record.get("updates"), record.get("scalars", ()))
+        with self._lock:
+            records: dict[int, _Record] = {}
+            for slot in self._slots.values():
+                for state in slot.states.values():
+                    self._read(state, records)
+            for at, record in sorted(records.items()):
+                self._recorder.record(at, record.joined(), record.updates, record.scalars)
+            if not records:
+                self._check_unseen_steps()
 
-    def _histogram_groups(self, state: State) -> list[Group]:
-        """This step's histogram rows, by kind (variables without a gradient left out)."""
-        rows = state.histograms.numpy()
-        count = len(state.names)
-        groups = []
-        if self._log_gradients:
-            grads = rows[:count]
-            present = ~np.isnan(grads[:, _rows.FINITE])  # no gradient for this variable this step
-            names = [name for name, kept in zip(state.names, present) if kept]
-            groups.append(Group("gradients", names, rows=grads[present]))
-        if self._log_parameters:
-            groups.append(Group("parameters", state.names, rows=rows[-count:]))
-        return groups
+    def _read(self, state: State, records: dict[int, _Record]) -> None:
+        key = id(state)
+        step, scale, skipped, fields = state.layout.read(state.summary.numpy())
+        if step >= 0 and self._written.get((key, "stats"), -1) != step:
+            self._written[key, "stats"] = step
+            record = records.setdefault(step, _Record())
+            if scale != 1.0:
+                record.scalars.append((LOSS_SCALE, scale))
+            if skipped:  # Keras skipped this update by design: not a finding
+                record.scalars.append((SKIPPED_STEP, 1.0))
+            else:
+                if self._log_gradients:
+                    record.add(Group("gradients", state.names, fields["grad_norms"], fields["grad_nonfinite"]))
+                if self._log_parameters:
+                    record.add(Group("parameters", state.names, fields["weight_norms"], fields["weight_nonfinite"]))
+        histogram_step = int(state.histogram_step.numpy())
+        if histogram_step >= 0 and self._written.get((key, "histograms"), -1) != histogram_step:
+            self._written[key, "histograms"] = histogram_step
+            rows = state.histograms()
+            count = len(state.names)
+            record = records.setdefault(histogram_step, _Record())
+            if self._log_gradients:
+                record.add(Group("gradients", state.names, rows=rows[:count]), rows=True)
+            if self._log_parameters:
+                record.add(Group("parameters", state.names, rows=rows[-count:]), rows=True)
+        update_step = int(state.update_step.numpy())
+        if update_step >= 0 and self._written.get((key, "updates"), -1) != update_step:
+            self._written[key, "updates"] = update_step
+            update_norms, weight_norms = state.updates.numpy()
+            records.setdefault(update_step, _Record()).add_updates(Updates(state.names, update_norms, weight_norms))
+
+    # -- gaps: steps that ran and were never written --------------------------------------
+
+    def _check_unseen_steps(self) -> None:
+        """An optimizer that applied updates that our hook never saw: its `apply` was traced
+        into a tf.function before `watch` wrapped it."""
+        for slot in self._slots.values():
+            if slot.states:
+                continue
+            for optimizer in slot.optimizers:
+                start = slot.applied_at_wrap.get(id(optimizer))
+                if start is not None and _applied(optimizer) > start:
+                    self._guard.warn_once(
+                        "traced-before-watch",
+                        f"normlog: {optimizer.name!r} applied {_applied(optimizer) - start} updates that normlog did "
+                        "not see: its apply was traced into a tf.function before watch(). Call watch() before the "
+                        "tf.function first runs, or make a new tf.function after it.",
+                    )
+
+    def check_gaps(self) -> None:
+        """Warn once where steps ran whose statistics were never written: a tf.function loop
+        that does not call `write_pending`, or an optimizer traced before `watch`. `fit`,
+        `unwatch` and the end of the process call this."""
+        for slot in self._slots.values():
+            if slot.step is None or not slot.states:
+                continue
+            ran = int(slot.step.numpy())
+            last_due = ((ran - 1) // self._every) * self._every
+            written = max((self._written.get((id(s), "stats"), -1) for s in slot.states.values()), default=-1)
+            if last_due >= slot.first_step and written < last_due:
+                self._guard.warn_once(
+                    "unwritten",
+                    f"normlog: the watched optimizer ran up to step {ran - 1}, but statistics were written only up "
+                    f"to step {written}: a tf.function training loop must call watcher.write_pending() after each "
+                    "step (fit does this itself)",
+                )
+        self._check_unseen_steps()
 
     @property
     def findings(self) -> list[Finding]:
@@ -322,41 +484,85 @@ class Watcher(keras.callbacks.Callback):  # type: ignore[misc]
 
     def unwatch(self) -> None:
         """Restore the optimizers' own `apply`; close the writer if `watch` made it."""
-        for optimizer in self._wrapped:
-            optimizer.__dict__.pop("apply", None)  # back to the class's methods
-            optimizer.__dict__.pop("_all_reduce_sum_gradients", None)
-        self._wrapped.clear()
+        self._guard.safely(self.check_gaps)
+        for slot in self._slots.values():
+            for optimizer in slot.optimizers:
+                optimizer.__dict__.pop("apply", None)  # back to the class's methods
+                optimizer.__dict__.pop("_all_reduce_sum_gradients", None)
+            slot.optimizers.clear()
         self._recorder.close()
-        model = self._watched()
+        _LIVE.discard(self)
+        model = self._watched() if self._watched is not None else None
         if model is not None and getattr(model, "train_function", None) is not None:
             model.make_train_function(force=True)
-        if model is not None and _WATCHERS.get(model) is self:
-            del _WATCHERS[model]
         if self._owns_writer:
             self.writer.close()
 
 
-def _with_rows(groups: list[Group], histograms: list[Group]) -> list[Group]:
-    """The norm groups of one step with the histogram rows of the same kind, joined (the rows
-    alone where no norms are due at that step)."""
-    by_kind = {group.kind: group for group in groups}
-    joined = list(groups)
-    for rows in histograms:
-        group = by_kind.get(rows.kind)
-        if group is not None and list(group.names) == list(rows.names):
-            group.rows = rows.rows
+@atexit.register
+def _check_at_exit() -> None:
+    for watcher in list(_LIVE):
+        try:
+            watcher.check_gaps()
+        except Exception:  # TensorFlow may be half torn down at exit
+            pass
+
+
+@dataclass
+class _Record:
+    """What one step writes, gathered from every watched optimizer's State."""
+
+    groups: dict[str, Group] = field(default_factory=dict)
+    rows: dict[str, Group] = field(default_factory=dict)
+    updates: Updates | None = None
+    scalars: list[tuple[str, float]] = field(default_factory=list)
+
+    def add(self, group: Group, rows: bool = False) -> None:
+        into = self.rows if rows else self.groups
+        known = into.get(group.kind)
+        if known is None:
+            into[group.kind] = group
+            return
+        known.names = [*known.names, *group.names]
+        for attribute in ("norms", "nonfinite", "rows"):
+            mine, theirs = getattr(known, attribute), getattr(group, attribute)
+            if mine is not None and theirs is not None:
+                setattr(known, attribute, np.concatenate([mine, theirs]))
+
+    def add_updates(self, updates: Updates) -> None:
+        if self.updates is None:
+            self.updates = updates
         else:
-            joined.append(rows)
-    return joined
+            self.updates = Updates(
+                [*self.updates.names, *updates.names],
+                np.concatenate([self.updates.update_norms, updates.update_norms]),
+                np.concatenate([self.updates.weight_norms, updates.weight_norms]),
+            )
+
+    def joined(self) -> list[Group]:
+        """The norm groups with the histogram rows of the same kind (the rows alone where no
+        norms are due at that step)."""
+        joined = list(self.groups.values())
+        for kind, rows in self.rows.items():
+            group = self.groups.get(kind)
+            if group is not None and list(group.names) == list(rows.names):
+                group.rows = rows.rows
+            else:
+                joined.append(rows)
+        return joined
 
 
 @dataclass
 class _Pending:
     """One step's statistics, computed before the optimizer's update and published after it."""
 
+    state: State
     step: tf.Tensor
-    due: tf.Tensor
-    scalars: tf.Tensor
+    scaler: Any  # the optimizer whose loss scale the gradients carry
+    scale: tf.Tensor
+    stats_due: tf.Tensor
+    stats: tf.Tensor
+    update_due: tf.Tensor
 
 
 class _Unscaled:
@@ -366,53 +572,27 @@ class _Unscaled:
         return loss
 
 
-def watch(
-    model: keras.Model,
-    logdir: str | None = None,
-    *,
-    writer: Writer | None = None,
-    log: Log = "all",
-    every: int = 1,
-    histogram_every: int | None = 100,
-    update_every: int | None = 100,
-    optimizer: keras.optimizers.Optimizer | None = None,
-    bins: int = 30,
-    strict: bool = False,
-    health: bool | Thresholds = True,
-    health_via: Literal["warnings", "logging"] = "warnings",
-) -> Watcher:
-    """A callback for `model.fit(..., callbacks=[...])` that logs, per training step (batch,
-    from 0), the gradient each step really used and the weights: norms every `every` steps,
-    histograms every `histogram_every`, update ratios every `update_every`.
+class _NoOptimizer:
+    """The step source of `log_gradients`: no optimizer, counting from 0."""
 
-    The gradients are the raw ones handed to the optimizer: before `global_clipnorm`
-    clipping, before `gradient_accumulation_steps` averaging, and unscaled for mixed
-    precision. `optimizer=` watches an optimizer other than `model.optimizer` (custom loops).
-    `health` and `health_via` run the training-health rules, as in `normlog.watch`.
-    """
-    _check_backend()
+    iterations = tf.constant(0)
+
+
+def make_watcher(target: Any, logdir: Any, writer: Writer | None, name: str | None, **options: Any) -> Watcher:
+    """`watch`'s work once the backend is known to be TensorFlow: the run directory, the
+    writer, the watcher, in that order, so that a refused target makes no file."""
+    from normlog._step import run_directory
+
     if writer is not None and logdir is not None:
         raise ValueError("pass logdir or writer, not both")
-    watcher = Watcher(
-        model,
-        writer if writer is not None else Writer(logdir),
-        owns_writer=writer is None,
-        log=log,
-        every=every,
-        histogram_every=histogram_every,
-        update_every=update_every,
-        optimizer=optimizer,
-        bins=bins,
-        strict=strict,
-        health=health,
-        health_via=health_via,
-    )
-    _WATCHERS[model] = watcher
-    return watcher
-
-
-def unwatch(model: keras.Model) -> None:
-    """Restore the optimizer `watch` wrapped for `model`, if any, and close the writer it made."""
-    watcher = _WATCHERS.get(model)
-    if watcher is not None:
-        watcher.unwatch()
+    owns_writer = writer is None or name is not None
+    if writer is None:
+        writer = Writer(run_directory(logdir, name))
+    elif name is not None:
+        writer = Writer(run_directory(writer.logdir, name))
+    try:
+        return Watcher(target, writer, owns_writer=owns_writer, **options)
+    except BaseException:
+        if owns_writer:
+            writer.close()
+        raise

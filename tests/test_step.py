@@ -19,7 +19,7 @@ NAMES = ["layer0.weight", "layer0.bias", "out.weight"]
 
 
 def recorder(writer: normlog.Writer, health: bool = True, bins: int = 5) -> _step.Recorder:
-    return _step.Recorder(writer, Guard(strict=False), bins, Monitor() if health else None)
+    return _step.Recorder(writer, Guard(strict=True), bins, Monitor() if health else None)
 
 
 def test_a_step_writes_norms_global_norm_nonfinite_counts_histograms_and_update_ratios(tmp_path) -> None:
@@ -42,18 +42,18 @@ def test_a_step_writes_norms_global_norm_nonfinite_counts_histograms_and_update_
             scalars=[(_step.LOSS_SCALE, 1024.0)],
         )
     events = read_events(str(tmp_path))
-    for name, grad, weight in zip(NAMES, grads, weights):
+    for name, grad, weight in zip(NAMES, grads, weights, strict=True):
         got = scalars(events, _step.norm_tag("gradients", name))[7]
         assert (math.isnan(got) and np.isnan(grad).any()) or got == pytest.approx(np.linalg.norm(grad), rel=1e-6)
         assert scalars(events, _step.norm_tag("parameters", name))[7] == pytest.approx(np.linalg.norm(weight), rel=1e-6)
     assert math.isnan(scalars(events, _step.GLOBAL_NORM)[7])  # a NaN gradient makes the global norm NaN, as torch's
-    assert scalars(events, _step.nonfinite_tag(_step.histogram_tag("gradients", "out.weight")))[7] == 2
+    assert scalars(events, _step.nonfinite_count_tag("gradients", "out.weight"))[7] == 2
     assert scalars(events, _step.LOSS_SCALE)[7] == 1024.0
     # update ratios: ‖Δw‖/‖w‖, and none for the zero bias (inf would blank its chart)
     assert scalars(events, _step.ratio_tag("layer0.weight"))[7] == pytest.approx(0.1 / weight_norms[0], rel=1e-6)
     assert _step.ratio_tag("layer0.bias") not in events.Tags()["scalars"]
     # histograms: the core's, read back bucket for bucket
-    for name, grad in zip(NAMES, grads):
+    for name, grad in zip(NAMES, grads, strict=True):
         (event,) = events.Histograms(_step.histogram_tag("gradients", name))
         expected = normlog.histogram(grad, 5)
         assert event.step == 7
@@ -112,6 +112,17 @@ def test_a_named_watcher_writes_its_own_run() -> None:
 @pytest.mark.parametrize(
     ("tag", "parsed"),
     [
+        # this scheme
+        ("global/grad_norm", ("global_norm", "", "")),
+        ("grad_norm/layers.0.weight", ("norm", "gradients", "layers.0.weight")),
+        ("weight_norm/dense/kernel", ("norm", "parameters", "dense/kernel")),
+        ("act_norm/fc", ("norm", "activations", "fc")),
+        ("nonfinite/grad/dense/kernel", ("nonfinite", "gradients", "dense/kernel")),
+        ("nonfinite/weight/fc.bias", ("nonfinite", "parameters", "fc.bias")),
+        ("update_ratio/dense/kernel", ("ratio", "parameters", "dense/kernel")),
+        ("grad/dense/kernel", ("histogram", "gradients", "dense/kernel")),
+        ("weight/fc.weight", ("histogram", "parameters", "fc.weight")),
+        # the scheme before it (logs written by the previous version)
         ("gradients/global_norm", ("global_norm", "", "")),
         ("gradients/layers.0.weight/norm", ("norm", "gradients", "layers.0.weight")),
         ("parameters/dense/kernel/norm", ("norm", "parameters", "dense/kernel")),
@@ -119,9 +130,14 @@ def test_a_named_watcher_writes_its_own_run() -> None:
         ("updates/dense/kernel/ratio", ("ratio", "parameters", "dense/kernel")),
         ("gradients/dense/kernel", ("histogram", "gradients", "dense/kernel")),
         ("activations/fc/norm", ("norm", "activations", "fc")),
+        # anything else
         ("loss", None),
+        ("health/nonfinite", None),
         ("health/nonfinite/x", None),
+        ("normlog/grad_norm_by_depth", None),
+        ("nonfinite/other/x", None),
         ("gradients", None),
+        ("grad_norm", None),
     ],
 )
 def test_parse_tag_reads_back_every_tag_the_step_writes(tag: str, parsed: tuple[str, str, str] | None) -> None:
@@ -136,10 +152,11 @@ def test_every_tag_maker_round_trips_through_parse_tag() -> None:
             for tag, statistic in made:
                 parsed = _step.parse_tag(tag)
                 assert parsed is not None and (parsed.statistic, parsed.kind, parsed.name) == (statistic, kind, name)
-            parsed = _step.parse_tag(_step.nonfinite_tag(_step.histogram_tag(kind, name)))
-            assert parsed is not None and (parsed.statistic, parsed.name) == ("nonfinite", name)
+            parsed = _step.parse_tag(_step.nonfinite_count_tag(kind, name))
+            assert parsed is not None and (parsed.statistic, parsed.kind, parsed.name) == ("nonfinite", kind, name)
     parsed = _step.parse_tag(_step.ratio_tag("w"))
-    assert parsed is not None and parsed.statistic == "ratio"
+    assert parsed is not None and (parsed.statistic, parsed.name) == ("ratio", "w")
+    assert _step.parse_tag(_step.GLOBAL_NORM) == _step.ParsedTag("global_norm", "", "")
 
 
 def test_rows_merge_like_the_core_merges_parts_of_one_tensor() -> None:

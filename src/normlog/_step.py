@@ -13,14 +13,17 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import warnings
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from normlog import _rows
+from normlog._overview import DepthHistory, draw_norm_by_depth, matplotlib_available
 from normlog._rows import HistogramRows
 from normlog.health import Finding, HealthWarning, Monitor, StepValues
 
@@ -39,38 +42,71 @@ __all__ = [
     "announce",
     "finding_scalar_tag",
     "finding_text_tag",
+    "findings_table",
     "histogram_tag",
+    "image_tag",
+    "layout",
+    "nonfinite_count_tag",
     "nonfinite_tag",
     "norm_tag",
     "parse_tag",
     "ratio_tag",
     "run_directory",
     "stat_tag",
+    "tensor_tags",
 ]
 
 Kind = Literal["gradients", "parameters", "activations"]
 KINDS: tuple[Kind, ...] = ("gradients", "parameters", "activations")
 
 # -- the tag scheme ------------------------------------------------------------------------
+# By statistic first, so TensorBoard's groups (the tag up to its first '/') read as a user
+# asks: every gradient norm under grad_norm/, every histogram of gradients under grad/, ...
+#
+#   grad_norm/<name>  weight_norm/<name>  act_norm/<name>      L2 norms (scalars)
+#   update_ratio/<name>                                        ‖Δw‖/‖w‖ (scalar)
+#   nonfinite/grad/<name>  nonfinite/weight/<name>  nonfinite/act/<name>   NaN/Inf counts
+#   grad/<name>  weight/<name>  act/<name>                     histograms
+#   global/grad_norm                                           L2 norm over all gradients
+#   health/<rule>  (scalar: tensors flagged)  health/<rule> (text: a table of the findings)
+#   normlog/grad_norm_by_depth  normlog/update_ratio_by_depth  images
+#   amp/loss_scale  amp/skipped_step                           AMP (torch)
+#
+# normlog 0.x before this scheme wrote <kind>/<name>/norm, <kind>/<name>/nonfinite,
+# <kind>/<name> (histograms), updates/<name>/ratio and gradients/global_norm, with <kind>
+# one of gradients, parameters, activations; `parse_tag` reads both.
 
-GLOBAL_NORM = "gradients/global_norm"  # L2 norm over all watched gradients: what clip_grad_norm_ sees
+GLOBAL_NORM = "global/grad_norm"  # L2 norm over all watched gradients: what clip_grad_norm_ sees
 LOSS_SCALE = "amp/loss_scale"
 SKIPPED_STEP = "amp/skipped_step"
-_UPDATES = "updates"
+_SHORT: dict[str, str] = {"gradients": "grad", "parameters": "weight", "activations": "act"}
+_KIND_OF: dict[str, Kind] = {"grad": "gradients", "weight": "parameters", "act": "activations"}
+_RATIO = "update_ratio"
+_NONFINITE = "nonfinite"
 _HEALTH = "health"
+_IMAGES = "normlog"
+_OLD_GLOBAL_NORM = "gradients/global_norm"
+_OLD_UPDATES = "updates"
 
 
 def histogram_tag(kind: str, name: str) -> str:
-    """The histogram of tensor `name`'s gradients, weights or activations."""
-    return f"{kind}/{name}"
+    """The histogram of tensor `name`'s gradients, weights or activations: `grad/<name>`."""
+    return f"{_SHORT[kind]}/{name}"
 
 
 def norm_tag(kind: str, name: str) -> str:
-    return f"{kind}/{name}/norm"
+    """The L2 norm of tensor `name`'s gradient, weight or activation: `grad_norm/<name>`."""
+    return f"{_SHORT[kind]}_norm/{name}"
+
+
+def nonfinite_count_tag(kind: str, name: str) -> str:
+    """The count of NaN and ±Inf in tensor `name`'s gradient, weight or activation."""
+    return f"{_NONFINITE}/{_SHORT[kind]}/{name}"
 
 
 def nonfinite_tag(tag: str) -> str:
-    """The count of NaN and ±Inf beside a histogram or a tensor's statistics at `tag`."""
+    """The count of NaN and ±Inf beside a user's histogram or statistics at `tag`
+    (`Writer.add_histogram`, `Writer.add_stats`)."""
     return f"{tag}/nonfinite"
 
 
@@ -80,16 +116,23 @@ def stat_tag(tag: str, statistic: str) -> str:
 
 
 def ratio_tag(name: str) -> str:
-    """‖w_after - w_before‖ / ‖w_before‖ of one optimizer step."""
-    return f"{_UPDATES}/{name}/ratio"
+    """‖w_after - w_before‖ / ‖w_before‖ of one optimizer step: `update_ratio/<name>`."""
+    return f"{_RATIO}/{name}"
 
 
 def finding_text_tag(rule: str) -> str:
+    """The text holding a table of every finding of `rule` at one step."""
     return f"{_HEALTH}/{rule}"
 
 
-def finding_scalar_tag(rule: str, tensor: str) -> str:
-    return f"{_HEALTH}/{rule}/{tensor}"
+def finding_scalar_tag(rule: str) -> str:
+    """How many tensors `rule` flagged at a step (written at steps with findings)."""
+    return f"{_HEALTH}/{rule}"
+
+
+def image_tag(statistic: str) -> str:
+    """The norm-by-depth pictures: `normlog/grad_norm_by_depth`, `normlog/update_ratio_by_depth`."""
+    return f"{_IMAGES}/{statistic}_by_depth"
 
 
 @dataclass(frozen=True)
@@ -104,18 +147,83 @@ class ParsedTag:
 
 
 def parse_tag(tag: str) -> ParsedTag | None:
-    """The tensor and statistic a normlog tag names, or None for any other tag."""
-    if tag == GLOBAL_NORM:
+    """The tensor and statistic a normlog tag names, or None for any other tag. Reads this
+    scheme and the one before it (see the table above), into the same ParsedTag."""
+    if tag in (GLOBAL_NORM, _OLD_GLOBAL_NORM):
         return ParsedTag("global_norm", "", "")
-    kind, _, rest = tag.partition("/")
-    if kind == _UPDATES and rest.endswith("/ratio"):
+    head, _, rest = tag.partition("/")
+    if not rest:
+        return None
+    if head == _RATIO:
+        return ParsedTag("ratio", "parameters", rest)
+    if head.endswith("_norm") and head[: -len("_norm")] in _KIND_OF:
+        return ParsedTag("norm", _KIND_OF[head[: -len("_norm")]], rest)
+    if head in _KIND_OF:
+        return ParsedTag("histogram", _KIND_OF[head], rest)
+    if head == _NONFINITE:
+        short, _, name = rest.partition("/")
+        return ParsedTag("nonfinite", _KIND_OF[short], name) if short in _KIND_OF and name else None
+    return _parse_old_tag(head, rest)
+
+
+def _parse_old_tag(head: str, rest: str) -> ParsedTag | None:
+    if head == _OLD_UPDATES and rest.endswith("/ratio"):
         return ParsedTag("ratio", "parameters", rest[: -len("/ratio")])
-    if kind not in KINDS or not rest:
+    if head not in KINDS:
         return None
     for statistic in ("norm", "nonfinite"):
         if rest.endswith(f"/{statistic}"):
-            return ParsedTag(statistic, kind, rest[: -len(statistic) - 1])
-    return ParsedTag("histogram", kind, rest)
+            return ParsedTag(statistic, head, rest[: -len(statistic) - 1])
+    return ParsedTag("histogram", head, rest)
+
+
+def _is_bias(name: str) -> bool:
+    """torch's `fc.bias`, Keras' `dense/bias`: the last part of the name."""
+    return name.replace("/", ".").rsplit(".", 1)[-1] in ("bias", "beta")
+
+
+def _weights_and_biases(names: Sequence[str]) -> list[tuple[str, list[str]]]:
+    return [("weights", [n for n in names if not _is_bias(n)]), ("biases", [n for n in names if _is_bias(n)])]
+
+
+def tensor_tags(tags: Iterable[str]) -> list[str]:
+    """Exact regexes for Custom Scalars, one per tag, in the given order."""
+    return [f"^{re.escape(tag)}$" for tag in tags]
+
+
+def layout(names: dict[Kind, Sequence[str]], ratios: Sequence[str]) -> dict[str, dict[str, list[Any]]]:
+    """The Custom Scalars layout (SummaryWriter's `add_custom_scalars` form) for tensors
+    `names` by kind and update ratios of `ratios`, each in model order: one category per
+    kind, one multiline chart for the weights (kernels) and one for the biases, each line one
+    tensor's exact tag, so every layer sits on one chart in model order."""
+    categories: dict[str, dict[str, list[Any]]] = {}
+    titles = {"gradients": "gradient norms", "parameters": "weight norms", "activations": "activation norms"}
+    for kind in KINDS:
+        listed = names.get(kind, ())
+        if not listed:
+            continue
+        charts: dict[str, list[Any]] = {}
+        for part, chosen in (
+            ("weights", [n for n in listed if not _is_bias(n)]),
+            ("biases", list(filter(_is_bias, listed))),
+        ):
+            if chosen:
+                charts[f"{_SHORT[kind]}_norm: {part}"] = ["Multiline", tensor_tags(norm_tag(kind, n) for n in chosen)]
+        if kind == "gradients":
+            charts[GLOBAL_NORM] = ["Multiline", tensor_tags([GLOBAL_NORM])]
+        charts[f"nonfinite/{_SHORT[kind]}: NaN/Inf counts"] = ["Multiline", [f"^{_NONFINITE}/{_SHORT[kind]}/"]]
+        categories[f"normlog: {titles[kind]}"] = charts
+    if ratios:
+        charts = {}
+        for part, chosen in (
+            ("weights", [n for n in ratios if not _is_bias(n)]),
+            ("biases", list(filter(_is_bias, ratios))),
+        ):
+            if chosen:
+                charts[f"{_RATIO}: {part}"] = ["Multiline", tensor_tags(ratio_tag(n) for n in chosen)]
+        categories["normlog: update ratios"] = charts
+    categories["normlog: health"] = {"health: tensors flagged per rule": ["Multiline", [f"^{_HEALTH}/[^/]+$"]]}
+    return categories
 
 
 # -- what a step records ---------------------------------------------------------------------
@@ -148,7 +256,7 @@ class Updates:
         initialised to zeros) has no relative update, and writing inf would blank its chart."""
         return {
             name: float(update) / float(weight)
-            for name, update, weight in zip(self.names, self.update_norms, self.weight_norms)
+            for name, update, weight in zip(self.names, self.update_norms, self.weight_norms, strict=True)
             if weight != 0 and not math.isnan(weight)
         }
 
@@ -171,7 +279,12 @@ def run_directory(logdir: str | os.PathLike[str] | None, name: str | None) -> st
 class Recorder:
     """Writes what each logged step recorded, and runs the health rules on it. `writer=None`
     (a rank that does not write) records nothing. A second recorder on a Writer that one
-    already writes into warns: both would write the same tags (pass `name=` to each)."""
+    already writes into warns: both would write the same tags (pass `name=` to each).
+
+    Besides each step's event it writes, once per run and again when new tensors appear,
+    the Custom Scalars layout (`layout`), and at every histogram step and at `close` the
+    norm-by-depth pictures (`normlog._overview`; skipped with one warning without matplotlib).
+    """
 
     def __init__(
         self,
@@ -186,6 +299,14 @@ class Recorder:
         self._guard = guard
         self._bins = bins
         self._health_via = health_via
+        self._names: dict[Kind, dict[str, None]] = {}  # every tensor seen, by kind, in model order
+        self._ratios: dict[str, None] = {}
+        self._order: dict[str, int] = {}  # a tensor's place in the model, for the findings' tables
+        self._grad_history = DepthHistory()
+        self._ratio_history = DepthHistory()
+        self._last_step: int | None = None
+        self._drawn_at: int | None = None
+        self._closed = False
         if writer is not None:
             others = _RECORDERS.setdefault(writer, weakref.WeakSet())
             if len(others):
@@ -198,7 +319,13 @@ class Recorder:
             others.add(self)
 
     def close(self) -> None:
-        """This recorder writes no more (its watcher was unwatched)."""
+        """This recorder writes no more (its watcher was unwatched): the last pictures are
+        drawn, unless the last logged step already has them. Calling it again does nothing."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.writer is not None and self._last_step is not None and self._drawn_at != self._last_step:
+            self._guard.safely(lambda: self._draw(self._last_step or 0), where=" drawing the norm-by-depth picture")
         if self.writer is not None and self.writer in _RECORDERS:
             _RECORDERS[self.writer].discard(self)
 
@@ -211,46 +338,103 @@ class Recorder:
     ) -> None:
         """Write one event holding `groups`' norms, NaN/Inf counts and histograms, the update
         ratios and any other `scalars`, at `step`; then run the health rules when there are
-        norms to judge."""
+        norms to judge. A tensor with no finite value has no histogram (its NaN/Inf count is
+        written); a weight of norm 0 has no update ratio."""
         if self.writer is None:
             return
         out = list(scalars)
         values = StepValues(step)
         tags: list[str] = []
         rows: list[np.ndarray] = []
-        judged = False
+        judged = histogram_step = False
+        new = self._learn(groups, updates)
         for group in groups:
             if group.norms is not None:
                 judged = True
                 out += self._norms(step, group, values)
             if group.rows is not None:
-                tags += [histogram_tag(group.kind, name) for name in group.names]
-                rows.append(group.rows)
+                histogram_step = True
+                kept = group.rows[:, _rows.FINITE] > 0
+                tags += [histogram_tag(group.kind, name) for name, keep in zip(group.names, kept, strict=True) if keep]
+                rows.append(group.rows[kept])
         if updates is not None:
             values.update_ratios = updates.ratios()
             out += [(ratio_tag(name), ratio) for name, ratio in values.update_ratios.items()]
+            self._ratio_history.add(step, list(values.update_ratios), list(values.update_ratios.values()))
+        for group in groups:
+            if group.kind == "gradients" and group.norms is not None and len(group.names):
+                self._grad_history.add(step, group.names, group.norms)
+        if out or groups or updates is not None:
+            self._last_step = step if self._last_step is None else max(step, self._last_step)
+        if new:
+            self.writer.add_custom_scalars(layout(self._names_by_kind(), list(self._ratios)), step)
         histograms = HistogramRows(tags, np.concatenate(rows), self._bins) if tags else None
         if out or histograms is not None:
             self.writer.add_record(step, out, rows=histograms)
         if judged and self.monitor is not None:
-            announce(self.monitor.observe(values), self.writer, self._health_via)
+            order = self._order
+            announce(self.monitor.observe(values), self.writer, self._health_via, order)
+        if histogram_step:
+            self._draw(step)
+
+    def _learn(self, groups: Sequence[Group], updates: Updates | None) -> bool:
+        """Note the tensors of this step; whether any is new (the layout must be rewritten)."""
+        new = False
+        for group in groups:
+            known = self._names.setdefault(group.kind, {})
+            for name in group.names:
+                if name not in known:
+                    known[name] = None
+                    new = True
+                    self._order.setdefault(name, len(self._order))
+        if updates is not None:
+            for name in updates.names:
+                if name not in self._ratios:
+                    self._ratios[name] = None
+                    new = True
+                    self._order.setdefault(name, len(self._order))
+        return new
+
+    def _names_by_kind(self) -> dict[Kind, Sequence[str]]:
+        return {kind: list(names) for kind, names in self._names.items()}
+
+    def _draw(self, step: int) -> None:
+        """The norm-by-depth pictures of the run so far, at `step`."""
+        assert self.writer is not None
+        self._drawn_at = step
+        histories = [
+            (self._grad_history, "grad_norm", "gradient norm"),
+            (self._ratio_history, "update_ratio", "update ratio ‖Δw‖/‖w‖"),
+        ]
+        histories = [h for h in histories if len(h[0])]
+        if not histories:
+            return
+        if not matplotlib_available():
+            self._guard.warn_once(
+                "matplotlib", "normlog: the norm-by-depth images need matplotlib (pip install 'normlog[plot]'); skipped"
+            )
+            return
+        for history, statistic, what in histories:
+            title = f"log10 {what} by depth (rows: tensors in model order; {len(history)} logged steps)"
+            figure = draw_norm_by_depth([history.panel(title)], label=f"log10 {what}")
+            self.writer.add_figure(image_tag(statistic), figure, step)
 
     def _norms(self, step: int, group: Group, values: StepValues) -> list[tuple[str, float]]:
         assert group.norms is not None
         kind = group.kind
         norms = [float(n) for n in group.norms]
-        out = [(norm_tag(kind, name), norm) for name, norm in zip(group.names, norms)]
+        out = [(norm_tag(kind, name), norm) for name, norm in zip(group.names, norms, strict=True)]
         if kind == "gradients":
-            values.grad_norms = dict(zip(group.names, norms))
+            values.grad_norms = dict(zip(group.names, norms, strict=True))
             values.global_norm = math.sqrt(sum(n * n for n in norms))
             out.append((GLOBAL_NORM, values.global_norm))
         elif kind == "parameters":
-            values.weight_norms = dict(zip(group.names, norms))
+            values.weight_norms = dict(zip(group.names, norms, strict=True))
         if group.nonfinite is not None:
             counts = values.grad_nonfinite if kind == "gradients" else values.weight_nonfinite
-            for name, count in zip(group.names, group.nonfinite):
+            for name, count in zip(group.names, group.nonfinite, strict=True):
                 if count:
-                    out.append((nonfinite_tag(histogram_tag(kind, name)), float(count)))
+                    out.append((nonfinite_count_tag(kind, name), float(count)))
                     if kind != "activations":
                         counts[name] = float(count)
                     self._guard.warn_once(
@@ -260,17 +444,49 @@ class Recorder:
         return out
 
 
-def announce(findings: list[Finding], writer: Writer, via: Literal["warnings", "logging"] = "warnings") -> None:
-    """Tell the user (a HealthWarning, or a `normlog.health` logging record) and TensorBoard
-    (text under `health/<rule>`, and a scalar 1 under `health/<rule>/<tensor>`)."""
-    scalars: dict[int, list[tuple[str, float]]] = {}
+def announce(
+    findings: list[Finding],
+    writer: Writer,
+    via: Literal["warnings", "logging"] = "warnings",
+    order: Mapping[str, int] | None = None,
+) -> None:
+    """Tell the user (a HealthWarning, or a `normlog.health` logging record) and TensorBoard:
+    per rule and step, one text under `health/<rule>` holding a table of every finding, the
+    origin first (tensors in model `order`: for nonfinite, the first tensor whose gradient or
+    weight turned NaN/Inf), and one scalar `health/<rule>`, the number of tensors flagged.
+    TensorBoard keeps one text per (run, tag, step), so one text per finding would hide all
+    but one of them."""
+    order = order or {}
+    by_rule: dict[tuple[str, int], list[Finding]] = {}
     for finding in findings:
         text = f"normlog [{finding.rule}] {finding.message}"
         if via == "logging":
             logging.getLogger("normlog.health").warning(text)
         else:
             warnings.warn(text, HealthWarning, stacklevel=5)
-        writer.add_text(finding_text_tag(finding.rule), f"step {finding.step}: {finding.message}", finding.step)
-        scalars.setdefault(finding.step, []).append((finding_scalar_tag(finding.rule, finding.tensor), 1.0))
+        by_rule.setdefault((finding.rule, finding.step), []).append(finding)
+    scalars: dict[int, list[tuple[str, float]]] = {}
+    for (rule, step), found in by_rule.items():
+        # model order first; gradients before weights (a NaN gradient poisons the weight after it)
+        found.sort(key=lambda f: (order.get(f.tensor, len(order)), f.kind != "gradients"))
+        writer.add_text(finding_text_tag(rule), findings_table(rule, step, found), step)
+        scalars.setdefault(step, []).append((finding_scalar_tag(rule), float(len({f.tensor for f in found}))))
     for step, values in scalars.items():
         writer.add_record(step, values)
+
+
+def findings_table(rule: str, step: int, findings: Sequence[Finding]) -> str:
+    """A Markdown table of one rule's findings at one step, in the given order (the first is
+    the origin). Names and messages go in code spans, which Markdown leaves as they are."""
+    lines = [
+        f"**{rule}** at step {step}: {len(findings)} finding{'s' if len(findings) != 1 else ''}, origin first",
+        "",
+        "| # | tensor | of | finding |",
+        "|---|---|---|---|",
+    ]
+    for number, finding in enumerate(findings, 1):
+        what = "gradient" if finding.kind == "gradients" else "weight"
+        origin = " (origin)" if number == 1 and len(findings) > 1 else ""
+        message = finding.message.replace("`", "'").replace("|", "/")
+        lines.append(f"| {number}{origin} | `{finding.tensor}` | {what} | `{message}` |")
+    return "\n".join(lines)

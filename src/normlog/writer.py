@@ -263,6 +263,11 @@ class Writer:
             raise TypeError(f"normlog: tag {tag!r}: text must be a string, got {type(text).__name__}")
         self._emit(tensorboardx().summary.text(tag, text), tag, step, walltime)
 
+    def add_custom_scalars(self, layout: Mapping[str, Mapping[str, Any]], step: int | None = None) -> None:
+        """The Custom Scalars dashboard's layout, as SummaryWriter's: `{category: {chart:
+        ["Multiline", [tag regexes]]}}`. TensorBoard shows the layout written last."""
+        self._emit(tensorboardx().summary.custom_scalars(layout), "custom_scalars", step, None)
+
     # -- life cycle ----------------------------------------------------------------
 
     def flush(self) -> None:

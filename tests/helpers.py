@@ -30,7 +30,7 @@ def requires(module: str) -> ModuleType:
         del sys.modules[module]
         if module in required:
             raise ImportError(f"{module} is required (NORMLOG_REQUIRE) but not installed")
-        pytest.skip(f"could not import {module!r}: not installed")
+        pytest.skip(f"could not import {module!r}: not installed", allow_module_level=True)
     return found
 
 

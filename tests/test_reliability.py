@@ -5,7 +5,6 @@ README's Guarantees section."""
 from __future__ import annotations
 
 import importlib
-import json
 import math
 import os
 import select
@@ -304,75 +303,6 @@ def test_an_unwritable_logdir_fails_when_the_watcher_is_made(tmp_path, framework
         model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2)])
         with pytest.raises(OSError, match="cannot write event files in log directory"):
             watch(model, blocker / "run")
-
-
-def _norm_run(logdir) -> str:
-    with normlog.Writer(logdir) as writer:
-        for step in range(40):
-            writer.add_scalar("gradients/layer/norm", 1.0 + step, step)
-            writer.add_scalar("parameters/layer/norm", 2.0, step)
-            writer.add_scalar("gradients/global_norm", 1.0 + step, step)
-    (path,) = event_files(str(logdir))
-    return path
-
-
-def _bad_logdir(root) -> None:
-    """A good run beside a truncated one, one with a flipped byte, a file that is not an
-    event file, an empty one and a foreign (plain tensorboardX) run."""
-    _norm_run(root / "good")
-    path = _norm_run(root / "truncated")
-    data = open(path, "rb").read()
-    open(path, "wb").write(data[: len(data) * 2 // 3 + 7])
-    path = _norm_run(root / "crc")
-    data = bytearray(open(path, "rb").read())
-    data[len(data) // 2] ^= 0xFF
-    open(path, "wb").write(bytes(data))
-    (root / "foreign").mkdir()
-    (root / "foreign" / "events.out.tfevents.1.host").write_bytes(b"not an event file\n" * 20)
-    (root / "empty").mkdir()
-    (root / "empty" / "events.out.tfevents.2.host").write_bytes(b"")
-    with normlog.Writer(root / "other") as writer:  # a valid run without normlog's tags
-        writer.add_scalar("loss", 1.0, 0)
-
-
-def test_report_reads_what_it_can_and_names_each_bad_file(tmp_path) -> None:
-    # Guarantee: `normlog report` on truncated, corrupt or foreign event files reports what
-    # could be read, names each bad file and what is wrong, without a traceback or a hang.
-    _bad_logdir(tmp_path)
-    process = subprocess.run(
-        [sys.executable, "-m", "normlog", "report", str(tmp_path), "--json"],
-        env={**os.environ, "PYTHONPATH": SRC},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert process.returncode == 0 and "Traceback" not in process.stderr, process.stderr
-    document = json.loads(process.stdout)
-    assert set(document["runs"]) == {"good", "truncated", "crc"}
-    assert document["runs"]["good"]["tensors"]["layer"]["grad_norm"]["last"] == 40
-    # the whole records before the damage are read
-    assert 20 < document["runs"]["truncated"]["tensors"]["layer"]["grad_norm"]["last"] < 40
-    assert 10 < document["runs"]["crc"]["tensors"]["layer"]["grad_norm"]["last"] < 40
-    problems = "\n".join(document["problems"])
-    assert len(document["problems"]) == 4, problems
-    for run, words in (
-        ("truncated", "cut-off record"),
-        ("crc", "CRC mismatch"),
-        ("foreign", "not a TensorBoard event file"),
-        ("empty", "is empty"),
-    ):
-        assert any(p.startswith(f"{run}/events.out.tfevents.") and words in p for p in document["problems"]), problems
-
-
-def test_plot_on_bad_files_plots_the_readable_runs_and_names_the_rest(tmp_path, capsys) -> None:
-    requires("matplotlib")
-    from normlog.report import main
-
-    _bad_logdir(tmp_path / "logs")
-    assert main(["plot", str(tmp_path / "logs"), "-o", str(tmp_path / "plot.png")]) == 0
-    assert (tmp_path / "plot.png").stat().st_size > 1000
-    err = capsys.readouterr().err
-    assert "cut-off record" in err and "CRC mismatch" in err and "not a TensorBoard event file" in err
 
 
 def test_background_work_runs_in_order_and_a_full_queue_holds_the_caller_back() -> None:

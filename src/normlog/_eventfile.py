@@ -47,38 +47,12 @@ def _record(data: bytes) -> bytes:
 def check_event_file(path: str) -> str | None:
     """What is wrong with an event file, or None: each TFRecord's length and data must
     match their masked CRC32C, and the first record must be an Event with a file version.
-    TensorBoard's reader stops at the first bad record; this says where and why."""
-    from normlog._proto import tensorboardx
+    TensorBoard's reader stops at the first bad record; this says where and why. Only a
+    regular file is read, and a record's claimed length is checked against the file's size
+    before it is read (`normlog._eventreader`, which `normlog report` reads with)."""
+    from normlog._eventreader import check
 
-    try:
-        with open(path, "rb") as file:  # record by record: event files can be large
-            offset = records = 0
-            while header := file.read(12):
-                if len(header) < 12:
-                    return f"ends in a cut-off record after {records} whole records (byte {offset})"
-                if header[8:] != _masked_crc(header[:8]):
-                    if records == 0:
-                        return "is not a TensorBoard event file (its first record is not a TFRecord)"
-                    return f"has a corrupt record (length CRC mismatch) after {records} whole records (byte {offset})"
-                (length,) = struct.unpack("<Q", header[:8])
-                body = file.read(length + 4)
-                if len(body) < length + 4:
-                    return f"ends in a cut-off record after {records} whole records (byte {offset})"
-                data = body[:length]
-                if body[length:] != _masked_crc(data):
-                    return f"has a corrupt record (data CRC mismatch) after {records} whole records (byte {offset})"
-                if records == 0:
-                    event = tensorboardx().proto.event_pb2.Event()
-                    try:
-                        event.ParseFromString(data)
-                    except Exception:
-                        event.Clear()
-                    if not event.file_version:
-                        return "is not a TensorBoard event file (its first record is not a file-version Event)"
-                offset, records = offset + 12 + length + 4, records + 1
-    except OSError as error:
-        return f"cannot be read ({error.strerror})"
-    return None if records else "is empty (a writer that has not written yet?)"
+    return check(path)
 
 
 class EventFile:

@@ -1,9 +1,12 @@
-"""`normlog report` and `normlog plot`: what a logdir's norms say, read back with TensorBoard's reader.
+"""`normlog report` and `normlog plot`: what a logdir's norms say, read back from its event files.
 
-Rules: runs are read with TensorBoard's own EventAccumulator and evaluated with the same
+Rules: runs are read by `_eventreader` with TensorBoard's reading rules (files in name order,
+each up to its first bad record, restarted steps purged) and evaluated with the same
 `health.Monitor` the adapters run online, so a run logged without online rules (direct Writer
-calls, an older normlog) gets the same findings. A run that cannot be read is named and
-skipped, never a traceback. matplotlib and rich load only for `plot` and terminal output.
+calls, an older normlog, `tf.summary.scalar`) gets the same findings. Nothing on disk may
+crash, hang or exhaust this: each bad file is named and the rest still read. What is printed
+is escaped (rich markup, control characters) and `--json` is strict JSON. Work is linear in
+tags and records. matplotlib and rich load only for `plot` and terminal output.
 """
 
 from __future__ import annotations
@@ -14,17 +17,22 @@ import math
 import os
 import statistics
 import sys
-import types
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from normlog._eventfile import check_event_file
+from normlog._eventreader import is_event_file_name, read_scalars
 from normlog._step import parse_tag
 from normlog.health import RULES, Finding, StepValues, evaluate
 from normlog.plot import plot_gradient_norms
 
-__all__ = ["Run", "check_event_file", "load_runs", "main", "plot_gradient_norms"]
+__all__ = ["EXIT_FOUND", "EXIT_NOTHING_READ", "EXIT_USAGE", "Run", "check_event_file", "load_runs", "main"]
+
+EXIT_FOUND = 1  # --fail-on: a finding of a named rule
+EXIT_USAGE = 2  # a bad argument or a missing log directory (argparse's own code)
+EXIT_NOTHING_READ = 3  # --fail-on, or plot: no normlog norms could be read under the logdir
+PLOT_TAG = "health/gradient_norms"  # where `plot --tensorboard` writes its first image
 
 
 @dataclass
@@ -35,100 +43,127 @@ class Run:
     findings: list[Finding]
 
     def summary(self) -> dict[str, dict[str, Any]]:
+        """Per tensor: its gradient norm's last, median and max (finite) value, its last weight
+        norm and update ratio, and the rules it was flagged by. One pass over the steps."""
         flags: dict[str, set[str]] = {}
         for finding in self.findings:
             flags.setdefault(finding.tensor, set()).add(finding.rule)
+        grads: dict[str, list[float]] = {name: [] for name in self.tensors}
+        weights: dict[str, float] = {}
+        ratios: dict[str, float] = {}
+        for values in self.steps:
+            for name, norm in values.grad_norms.items():
+                grads[name].append(norm)
+            weights.update(values.weight_norms)
+            ratios.update(values.update_ratios)
         table: dict[str, dict[str, Any]] = {}
         for name in self.tensors:
-            grads = [s.grad_norms[name] for s in self.steps if name in s.grad_norms]
-            weights = [s.weight_norms[name] for s in self.steps if name in s.weight_norms]
-            ratios = [s.update_ratios[name] for s in self.steps if name in s.update_ratios]
-            finite = [g for g in grads if math.isfinite(g)]
+            finite = [g for g in grads[name] if math.isfinite(g)]
             table[name] = {
                 "grad_norm": {
-                    "last": grads[-1] if grads else None,
+                    "last": grads[name][-1] if grads[name] else None,
                     "median": statistics.median(finite) if finite else None,
                     "max": max(finite) if finite else None,
                 },
-                "weight_norm": weights[-1] if weights else None,
-                "update_ratio": ratios[-1] if ratios else None,
+                "weight_norm": weights.get(name),
+                "update_ratio": ratios.get(name),
                 "flags": sorted(flags.get(name, ())),
             }
         return table
 
 
-def _reader() -> Any:
-    try:
-        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    except ImportError as error:
-        raise SystemExit("normlog report needs TensorBoard's reader: pip install 'normlog[report]'") from error
-    return EventAccumulator
+_FIELDS = {  # (kind, statistic) of a parsed tag -> the StepValues field it fills
+    ("gradients", "norm"): "grad_norms",
+    ("parameters", "norm"): "weight_norms",
+    ("parameters", "ratio"): "update_ratios",
+    ("gradients", "nonfinite"): "grad_nonfinite",
+    ("parameters", "nonfinite"): "weight_nonfinite",
+}
+_GLOBAL = "global_norm"
 
 
-def _run_dirs(logdir: str) -> list[str]:
+def _run_dirs(logdir: str, problems: list[str]) -> list[str]:
     found = []
-    for directory, _, files in os.walk(logdir):
-        if any("tfevents" in name for name in files):
+
+    def unreadable(error: OSError) -> None:
+        problems.append(f"{os.path.relpath(error.filename or logdir, logdir)}: cannot be listed ({error.strerror})")
+
+    for directory, _, files in os.walk(logdir, onerror=unreadable):
+        if any(is_event_file_name(name) for name in files):
             found.append(directory)
     return sorted(found)
 
 
-def _load_run(directory: str, name: str) -> Run:
-    accumulator = _reader()(directory, size_guidance={"scalars": 0})
-    accumulator.Reload()
-    per_step: dict[int, StepValues] = {}
-    tensors: list[str] = []
+def _load_run(directory: str, name: str) -> tuple[Run, list[str]]:
+    """One run's steps, from the tags `parse_tag` knows (each tag parsed once), and its problems."""
+    targets: dict[str, tuple[str, str]] = {}  # tag -> (StepValues field, tensor)
 
-    def at(step: int) -> StepValues:
-        return per_step.setdefault(step, StepValues(step))
-
-    fields = {
-        ("gradients", "norm"): "grad_norms",
-        ("parameters", "norm"): "weight_norms",
-        ("parameters", "ratio"): "update_ratios",
-        ("gradients", "nonfinite"): "grad_nonfinite",
-        ("parameters", "nonfinite"): "weight_nonfinite",
-    }
-    for tag in accumulator.Tags().get("scalars", []):
+    def keep(tag: str) -> bool:
         parsed = parse_tag(tag)
         if parsed is None:
+            return False
+        field_name = _GLOBAL if parsed.statistic == _GLOBAL else _FIELDS.get((parsed.kind, parsed.statistic))
+        if field_name is not None:
+            targets[tag] = (field_name, parsed.name)
+        return field_name is not None
+
+    scalars = read_scalars(directory, keep)
+    problems = [os.path.join(name, problem) for problem in scalars.problems]
+    problems += [f"{name}: {tag} {why}; it was not read" for tag, why in scalars.unreadable.items()]
+    per_step: dict[int, StepValues] = {}
+
+    def at(step: int) -> StepValues:
+        values = per_step.get(step)
+        if values is None:
+            values = per_step[step] = StepValues(step)
+        return values
+
+    tensors: dict[str, int] = {}  # in the order the model lists them: first seen, first
+    for tag, points in scalars.series.items():
+        field_name, tensor = targets[tag]
+        if field_name == _GLOBAL:
+            for step, value in points:
+                at(step).global_norm = value
             continue
-        if parsed.statistic == "global_norm":
-            for event in accumulator.Scalars(tag):
-                at(event.step).global_norm = event.value
-            continue
-        field_name = fields.get((parsed.kind, parsed.statistic))
-        if field_name is None:
-            continue
-        tensor = parsed.name
-        if field_name in ("grad_norms", "weight_norms") and tensor not in tensors:
-            tensors.append(tensor)
-        for event in accumulator.Scalars(tag):
-            getattr(at(event.step), field_name)[tensor] = event.value
+        if field_name in ("grad_norms", "weight_norms"):
+            tensors.setdefault(tensor, len(tensors))
+        for step, value in points:
+            getattr(at(step), field_name)[tensor] = value
     steps = [per_step[s] for s in sorted(per_step)]
     for values in steps:  # the model's order, as the adapters logged them
-        values.grad_norms = {t: values.grad_norms[t] for t in tensors if t in values.grad_norms}
-        values.weight_norms = {t: values.weight_norms[t] for t in tensors if t in values.weight_norms}
-    return Run(name, steps, tensors, evaluate(steps))
+        values.grad_norms = _in_order(values.grad_norms, tensors)
+        values.weight_norms = _in_order(values.weight_norms, tensors)
+    return Run(name, steps, list(tensors), evaluate(steps)), problems
+
+
+def _in_order(norms: dict[str, float], order: dict[str, int]) -> dict[str, float]:
+    """`norms` in `order`, dropping names not in it; in O(n) when already in order."""
+    places = [order.get(name, -1) for name in norms]
+    if -1 not in places and places == sorted(places):  # timsort: one pass when sorted
+        return norms
+    return {name: norms[name] for name in sorted((n for n in norms if n in order), key=order.__getitem__)}
 
 
 def load_runs(logdir: str) -> tuple[list[Run], list[str]]:
     """Every run under `logdir` that holds normlog's norms, and the problems met reading
-    them: bad event files are named with what is wrong, and whatever came before the first
-    bad record is still read."""
-    runs, problems = [], []
-    for directory in _run_dirs(logdir):
+    them: each bad file is named with what is wrong (a cut-off or corrupt record, a file
+    that is not an event file or not a regular file, tensor summaries that are not numbers),
+    and whatever it held before the damage is still read.
+
+    Example:
+        >>> runs, problems = load_runs("logs")  # doctest: +SKIP
+        >>> [(run.name, len(run.findings)) for run in runs]  # doctest: +SKIP
+    """
+    runs: list[Run] = []
+    problems: list[str] = []
+    for directory in _run_dirs(logdir, problems):
         name = os.path.relpath(directory, logdir)
-        for file_name in sorted(os.listdir(directory)):
-            if "tfevents" in file_name:
-                problem = check_event_file(os.path.join(directory, file_name))
-                if problem:
-                    problems.append(f"{os.path.join(name, file_name)} {problem}")
         try:
-            run = _load_run(directory, name)
-        except Exception as error:  # a bad file must not hide the good runs
+            run, found = _load_run(directory, name)
+        except Exception as error:  # never expected; still, one run must not hide the others
             problems.append(f"{name}: could not be read ({error!r})")
             continue
+        problems += found
         if run.steps:
             runs.append(run)
     return runs, problems
@@ -140,11 +175,34 @@ def _format(value: Any) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
+def _printable(text: str) -> str:
+    """`text` with control characters (ANSI escapes, carriage returns, bidi overrides,
+    undecodable bytes of a file name) written as Python escapes, so that a tag or a file name
+    cannot restyle, move or hide what a terminal shows."""
+    if text.isprintable():
+        return text
+    return "".join(
+        c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode("ascii") for c in text
+    )
+
+
+def _strict(value: Any) -> Any:
+    """`value` with every NaN and ±Inf replaced by None: strict JSON (RFC 8259) has neither."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _strict(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(item) for item in value]
+    return value
+
+
 def _print_text(runs: list[Run], problems: list[str]) -> None:
     use_rich = sys.stdout.isatty()
     if use_rich:
         try:
             from rich.console import Console
+            from rich.markup import escape
             from rich.table import Table
         except ImportError:
             use_rich = False
@@ -152,7 +210,7 @@ def _print_text(runs: list[Run], problems: list[str]) -> None:
         header = ["tensor", "grad last", "grad median", "grad max", "weight", "update ratio", "flags"]
         rows = [
             [
-                name,
+                _printable(name),
                 _format(info["grad_norm"]["last"]),
                 _format(info["grad_norm"]["median"]),
                 _format(info["grad_norm"]["max"]),
@@ -162,11 +220,12 @@ def _print_text(runs: list[Run], problems: list[str]) -> None:
             ]
             for name, info in run.summary().items()
         ]
-        title = f"run {run.name}: {len(run.steps)} logged steps, {len(run.findings)} findings"
+        title = _printable(f"run {run.name}: {len(run.steps)} logged steps, {len(run.findings)} findings")
         if use_rich:
-            table = Table(*header, title=title)
+            # Tags and run names are the user's text: `[/x]` in one must not be read as markup.
+            table = Table(*header, title=escape(title))
             for row in rows:
-                table.add_row(*row, style="red" if row[-1] else None)
+                table.add_row(*(escape(cell) for cell in row), style="red" if row[-1] else None)
             Console().print(table)
         else:
             widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
@@ -174,65 +233,136 @@ def _print_text(runs: list[Run], problems: list[str]) -> None:
             for row in [header, *rows]:
                 print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
         for finding in run.findings:
-            print(f"  [{finding.rule}] step {finding.step}: {finding.message}")
+            print(_printable(f"  [{finding.rule}] step {finding.step}: {finding.message}"))
         print()
     for problem in problems:
-        print(problem)
+        print(_printable(problem))
+
+
+_EPILOG = f"""exit status: 0 done; {EXIT_FOUND} --fail-on found one of its rules; {EXIT_USAGE} bad arguments or no
+such log directory; {EXIT_NOTHING_READ} nothing under LOGDIR could be read as normlog's norms (an empty
+logdir, only unreadable files, only summaries that are not numbers), with --fail-on, or for plot.
+Files that cannot be read are named, with what is wrong, after the tables (--json: under
+"problems"; plot: on stderr); whatever they held before the damage is still read.
+--json is strict JSON (RFC 8259): a value that is NaN or +-Inf, or was never logged, is null."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="normlog",
+        description="Read normlog's event files back.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    report = commands.add_parser(
+        "report",
+        help="tables of norms and the findings, per run",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    report.add_argument("logdir")
+    report.add_argument("--json", action="store_true", help="print the findings and tables as strict JSON")
+    report.add_argument(
+        "--fail-on",
+        default="",
+        metavar="RULE[,RULE]",
+        help=f"exit {EXIT_FOUND} if one is found, {EXIT_NOTHING_READ} if nothing could be read: {', '.join(RULES)}",
+    )
+    plot = commands.add_parser(
+        "plot",
+        help="per-tensor gradient-norm curves, one panel per run, a page of panels per image",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    plot.add_argument("logdir")
+    plot.add_argument(
+        "-o", "--output", required=True, help="the image file to write (PNG); more pages go to FILE-2.png, ..."
+    )
+    plot.add_argument(
+        "--runs-per-image",
+        type=int,
+        default=12,
+        metavar="N",
+        help="at most N runs (panels) per image; the next N go to FILE-2.png, and so on (default 12)",
+    )
+    plot.add_argument("--tensorboard", action="store_true", help="also write the figures into <logdir>/normlog_plot")
+    return parser
+
+
+def _page_paths(output: str, pages: int) -> list[str]:
+    stem, suffix = os.path.splitext(output)
+    return [output] + [f"{stem}-{page}{suffix}" for page in range(2, pages + 1)]
+
+
+def _plot(args: argparse.Namespace, runs: list[Run], problems: list[str]) -> int:
+    for problem in problems:
+        print(_printable(problem), file=sys.stderr)
+    if not runs:
+        print(_printable(f"normlog: no normlog norms could be read under {args.logdir}"), file=sys.stderr)
+        return EXIT_NOTHING_READ
+    per_image = args.runs_per_image
+    pages = [runs[start : start + per_image] for start in range(0, len(runs), per_image)]
+    paths = _page_paths(args.output, len(pages))
+    writer = None
+    if args.tensorboard:
+        from normlog.writer import Writer
+
+        writer = Writer(os.path.join(args.logdir, "normlog_plot"))
+    step = max(s.step for r in runs for s in r.steps)
+    try:
+        for page, (page_runs, path) in enumerate(zip(pages, paths), start=1):
+            figure = plot_gradient_norms(page_runs)
+            figure.savefig(path, dpi=100)
+            if writer is not None:
+                # Report's own tag (nothing reads it back): one image per page of runs.
+                writer.add_figure(PLOT_TAG if page == 1 else f"{PLOT_TAG}/page_{page}", figure, step)
+            pyplot = sys.modules.get("matplotlib.pyplot")
+            if pyplot is not None:  # a pyplot figure lives until closed; one page at a time
+                pyplot.close(figure)
+            print(_printable(f"wrote {path} (runs {page_runs[0].name} .. {page_runs[-1].name})"))
+    finally:
+        if writer is not None:
+            writer.close()
+    if len(pages) > 1:
+        print(f"{len(runs)} runs on {len(pages)} images of at most {per_image} (--runs-per-image)")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="normlog", description="Read normlog's event files back.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    report = commands.add_parser("report", help="tables of norms and the findings, per run")
-    report.add_argument("logdir")
-    report.add_argument("--json", action="store_true", help="print the findings and tables as JSON")
-    report.add_argument(
-        "--fail-on", default="", metavar="RULE[,RULE]", help=f"exit 1 if one is found: {', '.join(RULES)}"
-    )
-    plot = commands.add_parser("plot", help="per-tensor gradient-norm curves, one panel per run")
-    plot.add_argument("logdir")
-    plot.add_argument("-o", "--output", required=True, help="the image file to write (PNG)")
-    plot.add_argument("--tensorboard", action="store_true", help="also write the figure into <logdir>/normlog_plot")
+    """`normlog report|plot LOGDIR ...`; returns the exit status (see `--help`)."""
+    parser = _parser()
     args = parser.parse_args(argv)
-    if "tensorflow" not in sys.modules:
-        # TensorBoard's own TF-free reader: the same records, without importing TensorFlow
-        # (seconds of start-up and its log lines) into a command-line tool.
-        sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
-
+    if args.command == "plot" and args.runs_per_image < 1:
+        parser.error("--runs-per-image must be at least 1")
     if not os.path.isdir(args.logdir):
-        print(f"normlog: no such log directory: {args.logdir}", file=sys.stderr)
-        return 2
+        print(_printable(f"normlog: no such log directory: {args.logdir}"), file=sys.stderr)
+        return EXIT_USAGE
+    fail_on = set()
+    if args.command == "report":
+        fail_on = {rule.strip() for rule in args.fail_on.split(",") if rule.strip()}
+        if fail_on - set(RULES):
+            unknown = sorted(fail_on - set(RULES))
+            print(f"normlog: unknown rule(s) {unknown}; rules are {', '.join(RULES)}", file=sys.stderr)
+            return EXIT_USAGE
     runs, problems = load_runs(args.logdir)
     if args.command == "plot":
-        if not runs:
-            print(f"normlog: no normlog norms under {args.logdir}", file=sys.stderr)
-            return 1
-        for problem in problems:
-            print(problem, file=sys.stderr)
-        figure = plot_gradient_norms(runs)
-        figure.savefig(args.output, dpi=100)
-        if args.tensorboard:
-            from normlog.writer import Writer
+        return _plot(args, runs, problems)
 
-            with Writer(os.path.join(args.logdir, "normlog_plot")) as writer:
-                writer.add_figure("health/gradient_norms", figure, max(s.step for r in runs for s in r.steps))
-        print(f"wrote {args.output}")
-        return 0
-
-    fail_on = {rule.strip() for rule in args.fail_on.split(",") if rule.strip()}
-    if fail_on - set(RULES):
-        print(f"normlog: unknown rule(s) {sorted(fail_on - set(RULES))}; rules are {', '.join(RULES)}", file=sys.stderr)
-        return 2
     if args.json:
-        document = {
+        document: dict[str, Any] = {
             "runs": {
                 run.name: {"tensors": run.summary(), "findings": [f.as_dict() for f in run.findings]} for run in runs
             }
         }
         if problems:
-            document["problems"] = problems  # type: ignore[assignment]
-        print(json.dumps(document, indent=2))
+            document["problems"] = problems
+        print(json.dumps(_strict(document), indent=2, allow_nan=False))
     else:
         _print_text(runs, problems)
+    if not runs:
+        print(_printable(f"normlog: no normlog norms could be read under {args.logdir}"), file=sys.stderr)
+        if fail_on:
+            return EXIT_NOTHING_READ
     failed = [f for run in runs for f in run.findings if f.rule in fail_on]
-    return 1 if failed else 0
+    return EXIT_FOUND if failed else 0

@@ -128,8 +128,10 @@ def bad_logdir(root) -> None:
 
 def hostile_logdir(root) -> None:
     """A good run beside two 168-byte files claiming 2^40 and 2^60 bytes, a FIFO named like
-    an event file, and a run with a record that is not an Event between good ones."""
+    an event file, and a run with a record that is not an Event between good ones; a
+    directory named like an event file is a (here empty) run of its own, not a bad file."""
     norm_run(root / "good")
+    (root / "good" / "events.out.tfevents.1.directory").mkdir()
     crafted_file(root / "tera" / "events.out.tfevents.1.crafted", 2**40)
     crafted_file(root / "exa" / "events.out.tfevents.1.crafted", 2**60)
     (root / "fifo").mkdir()
@@ -331,7 +333,7 @@ def test_help_documents_the_exit_codes_and_strict_json() -> None:
     process = normlog_cli("report", "--help")
     assert process.returncode == 0
     text = " ".join(process.stdout.split())
-    assert "3 nothing under LOGDIR could be read" in text and "1 --fail-on found one of its rules" in text
+    assert "3 nothing under LOGDIR could be read" in text and "1 --fail-on: a finding of one of its rules" in text
     assert "strict JSON" in text and "is null" in text
 
 
@@ -514,7 +516,29 @@ def test_plot_pages_many_runs_into_images_of_a_bounded_size(tmp_path) -> None:
     assert sorted(accumulator.Tags()["images"]) == [PLOT_TAG, f"{PLOT_TAG}/page_2", f"{PLOT_TAG}/page_3"]
 
 
-def test_runs_per_image_must_be_positive(tmp_path) -> None:
+def test_plot_writes_at_most_max_images_and_says_how_many_runs_it_left_out(tmp_path, capsys) -> None:
+    requires("matplotlib")
+    for index in range(5):
+        norm_run(tmp_path / "logs" / f"run{index}", steps=3)
+    output = tmp_path / "plot.png"
+    assert main(["plot", str(tmp_path / "logs"), "-o", str(output), "--runs-per-image", "2", "--max-images", "2"]) == 0
+    assert sorted(tmp_path.glob("plot*.png")) == [tmp_path / "plot-2.png", output]
+    assert "1 more runs were not drawn (--max-images 2)" in capsys.readouterr().err
+    # --runs chooses which runs are read at all
+    assert main(["plot", str(tmp_path / "logs"), "-o", str(output), "--runs", "run[34]"]) == 0
+    assert "(runs run3 .. run4)" in capsys.readouterr().out
+    assert main(["plot", str(tmp_path / "logs"), "-o", str(output), "--runs", "nothing*"]) == EXIT_NOTHING_READ
+
+
+def test_report_reads_only_the_runs_chosen_with_runs(tmp_path, capsys) -> None:
+    for name in ("lr0.1/seed0", "lr0.1/seed1", "lr1/seed0"):
+        norm_run(tmp_path / name, steps=3)
+    assert main(["report", str(tmp_path), "--json", "--runs", "lr0.1/*"]) == 0
+    assert set(strict_json(capsys.readouterr().out)["runs"]) == {"lr0.1/seed0", "lr0.1/seed1"}  # type: ignore[index]
+
+
+@pytest.mark.parametrize("option", ["--runs-per-image", "--max-images"])
+def test_plot_page_options_must_be_positive(tmp_path, option) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        main(["plot", str(tmp_path), "-o", str(tmp_path / "x.png"), "--runs-per-image", "0"])
+        main(["plot", str(tmp_path), "-o", str(tmp_path / "x.png"), option, "0"])
     assert exit_info.value.code == 2

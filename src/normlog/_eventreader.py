@@ -59,8 +59,11 @@ def is_event_file_name(name: str) -> bool:
 
 
 def event_file_names(directory: str) -> list[str]:
-    """A run directory's event files, in the order TensorBoard reads them (sorted by name)."""
-    return sorted(name for name in os.listdir(directory) if is_event_file_name(name))
+    """A run directory's event files, in the order TensorBoard reads them (sorted by name).
+    A subdirectory is a run of its own, whatever its name; any other entry is listed, so that
+    a FIFO or a device is named rather than passed over."""
+    with os.scandir(directory) as entries:
+        return sorted(e.name for e in entries if is_event_file_name(e.name) and not e.is_dir(follow_symlinks=False))
 
 
 def _kind_of(mode: int) -> str:
@@ -231,12 +234,12 @@ class RunScalars:
     """A run directory's scalars as TensorBoard shows them, and what kept some from being read.
 
     `series` maps a tag to its (step, value) points in the order written, after TensorBoard's
-    purges; `problems` are "<file name> <what is wrong>"; `unreadable` maps a kept tag whose
-    tensor summaries are not single numbers to why.
+    purges; `problems` are (file name, what is wrong), the name "" for the directory itself;
+    `unreadable` maps a kept tag whose tensor summaries are not single numbers to why.
     """
 
     series: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
-    problems: list[str] = field(default_factory=list)
+    problems: list[tuple[str, str]] = field(default_factory=list)
     unreadable: dict[str, str] = field(default_factory=dict)
 
 
@@ -261,7 +264,12 @@ def read_scalars(directory: str, keep: Callable[[str], bool]) -> RunScalars:
     plugins: dict[str, str] = {}  # the first metadata of a tag names its plugin, as in TensorBoard
     file_version: float | None = None
     most_recent_step = -1
-    for name in event_file_names(directory):
+    try:
+        names = event_file_names(directory)
+    except OSError as error:
+        result.problems.append(("", f"cannot be listed ({error.strerror})"))
+        return result
+    for name in names:
         problems: list[str] = []
         for event in events(os.path.join(directory, name), problems):
             if event.file_version:
@@ -303,6 +311,6 @@ def read_scalars(directory: str, keep: Callable[[str], bool]) -> RunScalars:
                 if tag_series is None:
                     tag_series = series[tag] = _Series()
                 tag_series.add(event.step, number)
-        result.problems += [f"{name} {problem}" for problem in problems]
+        result.problems += [(name, problem) for problem in problems]
     result.series = {tag: list(zip(kept_series.steps, kept_series.values)) for tag, kept_series in series.items()}
     return result

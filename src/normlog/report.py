@@ -12,6 +12,7 @@ tags and records. matplotlib and rich load only for `plot` and terminal output.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import math
 import os
@@ -108,7 +109,7 @@ def _load_run(directory: str, name: str) -> tuple[Run, list[str]]:
         return field_name is not None
 
     scalars = read_scalars(directory, keep)
-    problems = [os.path.join(name, problem) for problem in scalars.problems]
+    problems = [f"{os.path.join(name, file)} {what}" if file else f"{name}: {what}" for file, what in scalars.problems]
     problems += [f"{name}: {tag} {why}; it was not read" for tag, why in scalars.unreadable.items()]
     per_step: dict[int, StepValues] = {}
 
@@ -144,11 +145,19 @@ def _in_order(norms: dict[str, float], order: dict[str, int]) -> dict[str, float
     return {name: norms[name] for name in sorted((n for n in norms if n in order), key=order.__getitem__)}
 
 
-def load_runs(logdir: str) -> tuple[list[Run], list[str]]:
+def load_runs(logdir: str, pattern: str | None = None) -> tuple[list[Run], list[str]]:
     """Every run under `logdir` that holds normlog's norms, and the problems met reading
     them: each bad file is named with what is wrong (a cut-off or corrupt record, a file
     that is not an event file or not a regular file, tensor summaries that are not numbers),
     and whatever it held before the damage is still read.
+
+    Args:
+        logdir: the directory whose subdirectories holding event files are the runs, named
+            by their path relative to it.
+        pattern: read only the runs whose name matches this `fnmatch` pattern.
+
+    Returns:
+        The runs with normlog's norms, in name order, and the problems, one line each.
 
     Example:
         >>> runs, problems = load_runs("logs")  # doctest: +SKIP
@@ -158,6 +167,8 @@ def load_runs(logdir: str) -> tuple[list[Run], list[str]]:
     problems: list[str] = []
     for directory in _run_dirs(logdir, problems):
         name = os.path.relpath(directory, logdir)
+        if pattern is not None and not fnmatch.fnmatchcase(name, pattern):
+            continue
         try:
             run, found = _load_run(directory, name)
         except Exception as error:  # never expected; still, one run must not hide the others
@@ -239,12 +250,15 @@ def _print_text(runs: list[Run], problems: list[str]) -> None:
         print(_printable(problem))
 
 
-_EPILOG = f"""exit status: 0 done; {EXIT_FOUND} --fail-on found one of its rules; {EXIT_USAGE} bad arguments or no
-such log directory; {EXIT_NOTHING_READ} nothing under LOGDIR could be read as normlog's norms (an empty
-logdir, only unreadable files, only summaries that are not numbers), with --fail-on, or for plot.
-Files that cannot be read are named, with what is wrong, after the tables (--json: under
-"problems"; plot: on stderr); whatever they held before the damage is still read.
---json is strict JSON (RFC 8259): a value that is NaN or +-Inf, or was never logged, is null."""
+_EPILOG = f"""exit status:
+  0  done
+  {EXIT_FOUND}  --fail-on: a finding of one of its rules
+  {EXIT_USAGE}  bad arguments, or no such log directory
+  {EXIT_NOTHING_READ}  nothing under LOGDIR could be read as normlog's norms (an empty logdir, only
+     unreadable files, only summaries that are not numbers): report with --fail-on, and plot
+Files that cannot be read are named with what is wrong (report: after the tables, or under
+"problems" with --json; plot: on stderr); what they held before the damage is still read.
+--json is strict JSON (RFC 8259): a value that is NaN or +-Inf, or never logged, is null."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -286,7 +300,18 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help="at most N runs (panels) per image; the next N go to FILE-2.png, and so on (default 12)",
     )
+    plot.add_argument(
+        "--max-images",
+        type=int,
+        default=10,
+        metavar="K",
+        help="write at most K images, and say how many runs were left out (default 10)",
+    )
     plot.add_argument("--tensorboard", action="store_true", help="also write the figures into <logdir>/normlog_plot")
+    for command in (report, plot):
+        command.add_argument(
+            "--runs", metavar="GLOB", help="only the runs whose name matches GLOB (fnmatch: 'lr*', '*/seed[0-4]')"
+        )
     return parser
 
 
@@ -303,6 +328,8 @@ def _plot(args: argparse.Namespace, runs: list[Run], problems: list[str]) -> int
         return EXIT_NOTHING_READ
     per_image = args.runs_per_image
     pages = [runs[start : start + per_image] for start in range(0, len(runs), per_image)]
+    left_out = sum(len(page) for page in pages[args.max_images :])
+    pages = pages[: args.max_images]
     paths = _page_paths(args.output, len(pages))
     writer = None
     if args.tensorboard:
@@ -325,7 +352,13 @@ def _plot(args: argparse.Namespace, runs: list[Run], problems: list[str]) -> int
         if writer is not None:
             writer.close()
     if len(pages) > 1:
-        print(f"{len(runs)} runs on {len(pages)} images of at most {per_image} (--runs-per-image)")
+        print(f"{len(runs) - left_out} runs on {len(pages)} images of at most {per_image} (--runs-per-image)")
+    if left_out:
+        print(
+            f"normlog: {left_out} more runs were not drawn (--max-images {args.max_images}): "
+            "choose runs with --runs GLOB, or raise --max-images",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -333,8 +366,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """`normlog report|plot LOGDIR ...`; returns the exit status (see `--help`)."""
     parser = _parser()
     args = parser.parse_args(argv)
-    if args.command == "plot" and args.runs_per_image < 1:
-        parser.error("--runs-per-image must be at least 1")
+    if args.command == "plot" and min(args.runs_per_image, args.max_images) < 1:
+        parser.error("--runs-per-image and --max-images must be at least 1")
     if not os.path.isdir(args.logdir):
         print(_printable(f"normlog: no such log directory: {args.logdir}"), file=sys.stderr)
         return EXIT_USAGE
@@ -345,7 +378,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             unknown = sorted(fail_on - set(RULES))
             print(f"normlog: unknown rule(s) {unknown}; rules are {', '.join(RULES)}", file=sys.stderr)
             return EXIT_USAGE
-    runs, problems = load_runs(args.logdir)
+    runs, problems = load_runs(args.logdir, args.runs)
     if args.command == "plot":
         return _plot(args, runs, problems)
 

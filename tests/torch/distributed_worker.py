@@ -84,7 +84,7 @@ def main(mode: str, logdir: str) -> None:
                 for kind, tensor in (("gradients", p.grad), ("parameters", p.detach())):
                     full = tensor.full_tensor().numpy()  # type: ignore[union-attr]
                     hist = normlog.histogram(full, 30)
-                    record[f"{kind}/{name}"] = {
+                    record[f"{kind} {name}"] = {
                         "norm": normlog.l2_norm(full),
                         "counts": hist.counts.tolist(),
                         "min": hist.min,

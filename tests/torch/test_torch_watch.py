@@ -16,6 +16,7 @@ torch = requires("torch")
 from torch import nn  # noqa: E402
 
 import normlog  # noqa: E402
+from normlog._step import GLOBAL_NORM, histogram_tag, nonfinite_count_tag, norm_tag, ratio_tag  # noqa: E402
 
 # The device paths (histc instead of bincount, no host waits) run where a GPU is present;
 # CI has none, so the CUDA cases and tests run on the GPU machine (see the README).
@@ -75,10 +76,10 @@ def test_gradient_norms_equal_torch_and_global_norm_equals_get_total_norm(tmp_pa
     events = read_events(str(tmp_path))
     for step, expected in enumerate(seen):
         for name, norm in expected["norms"].items():
-            assert scalars(events, f"gradients/{name}/norm")[step] == pytest.approx(norm, rel=1e-6)
+            assert scalars(events, norm_tag("gradients", name))[step] == pytest.approx(norm, rel=1e-6)
             weight = expected["weights"][name].norm().item()
-            assert scalars(events, f"parameters/{name}/norm")[step] == pytest.approx(weight, rel=1e-6)
-        assert scalars(events, "gradients/global_norm")[step] == pytest.approx(expected["total"], rel=1e-6)
+            assert scalars(events, norm_tag("parameters", name))[step] == pytest.approx(weight, rel=1e-6)
+        assert scalars(events, GLOBAL_NORM)[step] == pytest.approx(expected["total"], rel=1e-6)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -106,7 +107,7 @@ def test_update_ratio_is_the_relative_size_of_each_step(tmp_path) -> None:
         for name, before in seen[step]["weights"].items():
             after = seen[step + 1]["weights"][name] if step + 1 < 3 else final[name]
             expected = (after - before).norm().item() / before.norm().item()
-            assert scalars(events, f"updates/{name}/ratio")[step] == pytest.approx(expected, rel=1e-5)
+            assert scalars(events, ratio_tag(name))[step] == pytest.approx(expected, rel=1e-5)
 
 
 def test_update_ratios_have_their_own_cadence(tmp_path) -> None:
@@ -115,8 +116,8 @@ def test_update_ratios_have_their_own_cadence(tmp_path) -> None:
     with normlog.watch(model, str(tmp_path), optimizer=optimizer, every=2, histogram_every=None, update_every=3):
         train(model, optimizer, steps=7)
     events = read_events(str(tmp_path))
-    assert sorted(scalars(events, "updates/0.weight/ratio")) == [0, 3, 6]
-    assert sorted(scalars(events, "gradients/0.weight/norm")) == [0, 2, 3, 4, 6]
+    assert sorted(scalars(events, ratio_tag("0.weight"))) == [0, 3, 6]
+    assert sorted(scalars(events, norm_tag("gradients", "0.weight"))) == [0, 2, 3, 4, 6]
 
 
 def test_device_histograms_give_the_cores_numbers(tmp_path) -> None:
@@ -127,7 +128,7 @@ def test_device_histograms_give_the_cores_numbers(tmp_path) -> None:
     events = read_events(str(tmp_path))
     for step in (0, 2):
         for name, grad in seen[step]["grads"].items():
-            (event,) = [e for e in events.Histograms(f"gradients/{name}") if e.step == step]
+            (event,) = [e for e in events.Histograms(histogram_tag("gradients", name)) if e.step == step]
             core = normlog.histogram(grad.numpy())
             value = event.histogram_value
             filled = np.flatnonzero(core.counts)
@@ -136,7 +137,7 @@ def test_device_histograms_give_the_cores_numbers(tmp_path) -> None:
             assert (value.min, value.max, value.num) == (core.min, core.max, core.num)
             assert value.sum == pytest.approx(core.sum, rel=1e-9, abs=1e-12)
             assert value.sum_squares == pytest.approx(core.sum_squares, rel=1e-9)
-    assert [e.step for e in events.Histograms("parameters/0.weight")] == [0, 2]
+    assert [e.step for e in events.Histograms(histogram_tag("parameters", "0.weight"))] == [0, 2]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -232,7 +233,7 @@ def test_gradient_accumulation_logs_once_per_optimizer_step(tmp_path) -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     with normlog.watch(model, str(tmp_path), optimizer=optimizer):
         seen = train(model, optimizer, steps=3, accumulate=4)
-    logged = scalars(read_events(str(tmp_path)), "gradients/0.weight/norm")
+    logged = scalars(read_events(str(tmp_path)), norm_tag("gradients", "0.weight"))
     assert sorted(logged) == [0, 1, 2]
     for step in range(3):
         assert logged[step] == pytest.approx(seen[step]["norms"]["0.weight"], rel=1e-6)
@@ -249,7 +250,7 @@ def test_without_an_optimizer_a_step_is_one_backward_pass(tmp_path) -> None:
             norms.append(model[0].weight.grad.norm().item())
         assert watcher.step == 5
     events = read_events(str(tmp_path))
-    logged = scalars(events, "gradients/0.weight/norm")
+    logged = scalars(events, norm_tag("gradients", "0.weight"))
     assert sorted(logged) == [0, 2, 4]
     assert all(logged[s] == pytest.approx(norms[s], rel=1e-6) for s in logged)
     assert events.Tags()["histograms"] == []
@@ -261,8 +262,8 @@ def test_every_and_histogram_every_pick_the_logged_steps(tmp_path) -> None:
     with normlog.watch(model, str(tmp_path), optimizer=optimizer, every=3, histogram_every=4):
         train(model, optimizer, steps=9)
     events = read_events(str(tmp_path))
-    assert sorted(scalars(events, "gradients/global_norm")) == [0, 3, 4, 6, 8]
-    assert [e.step for e in events.Histograms("gradients/0.weight")] == [0, 4, 8]
+    assert sorted(scalars(events, GLOBAL_NORM)) == [0, 3, 4, 6, 8]
+    assert [e.step for e in events.Histograms(histogram_tag("gradients", "0.weight"))] == [0, 4, 8]
 
 
 def test_frozen_unused_sparse_and_half_precision_parameters(tmp_path) -> None:
@@ -288,12 +289,12 @@ def test_frozen_unused_sparse_and_half_precision_parameters(tmp_path) -> None:
     events = read_events(str(tmp_path))
     tags = set(events.Tags()["scalars"])
     dense = model.embed.weight.grad.to_dense()
-    assert scalars(events, "gradients/embed.weight/norm")[0] == pytest.approx(dense.norm().item(), rel=1e-6)
+    assert scalars(events, norm_tag("gradients", "embed.weight"))[0] == pytest.approx(dense.norm().item(), rel=1e-6)
     half_norm = model.low.weight.grad.float().norm().item()
-    assert scalars(events, "gradients/low.weight/norm")[0] == pytest.approx(half_norm, rel=1e-3)
-    assert "gradients/frozen.weight/norm" not in tags and "gradients/unused.weight/norm" not in tags
-    assert {"parameters/frozen.weight/norm", "parameters/unused.weight/norm"} <= tags
-    assert "gradients/embed.weight" in events.Tags()["histograms"]
+    assert scalars(events, norm_tag("gradients", "low.weight"))[0] == pytest.approx(half_norm, rel=1e-3)
+    assert norm_tag("gradients", "frozen.weight") not in tags and norm_tag("gradients", "unused.weight") not in tags
+    assert {norm_tag("parameters", "frozen.weight"), norm_tag("parameters", "unused.weight")} <= tags
+    assert histogram_tag("gradients", "embed.weight") in events.Tags()["histograms"]
 
 
 def test_nonfinite_gradients_are_counted_and_warned_about(tmp_path, cpu_engine: str) -> None:
@@ -302,15 +303,21 @@ def test_nonfinite_gradients_are_counted_and_warned_about(tmp_path, cpu_engine: 
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     with normlog.watch(model, str(tmp_path), optimizer=optimizer, histogram_every=1):
         x, y = batch(0)
+
+        def poison(grad: torch.Tensor) -> torch.Tensor:  # NaN/Inf made in the backward pass itself
+            grad = grad.clone()
+            grad[0, :3] = float("nan")
+            grad[1, 0] = float("inf")
+            return grad
+
+        model[2].weight.register_hook(poison)
         nn.functional.mse_loss(model(x), y).backward()
-        model[2].weight.grad[0, :3] = float("nan")
-        model[2].weight.grad[1, 0] = float("inf")
         with pytest.warns(RuntimeWarning, match=r"4 NaN/Inf values in the gradients of '2.weight' at step 0"):
             optimizer.step()
     events = read_events(str(tmp_path))
-    assert scalars(events, "gradients/2.weight/nonfinite") == {0: 4.0}
-    assert math.isnan(scalars(events, "gradients/2.weight/norm")[0])
-    value = events.Histograms("gradients/2.weight")[0].histogram_value
+    assert scalars(events, nonfinite_count_tag("gradients", "2.weight")) == {0: 4.0}
+    assert math.isnan(scalars(events, norm_tag("gradients", "2.weight"))[0])
+    value = events.Histograms(histogram_tag("gradients", "2.weight"))[0].histogram_value
     assert value.num == 16 * 16 - 4 and math.isfinite(value.sum)
 
 
@@ -320,8 +327,11 @@ def test_rewatching_replaces_hooks_and_unwatch_removes_them(tmp_path) -> None:
     second = normlog.watch(model, str(tmp_path / "b"))
     x, y = batch(0)
     nn.functional.mse_loss(model(x), y).backward()
-    assert (first.step, second.step) == (0, 1)
+    # without an optimizer, a backward pass is written as a step once the next one starts
+    # from cleared gradients, or at unwatch
+    assert (first.step, second.step) == (0, 0)
     normlog.unwatch(model)
+    assert second.step == 1
     model.zero_grad()
     nn.functional.mse_loss(model(x), y).backward()
     assert second.step == 1
@@ -359,9 +369,11 @@ def test_strict_raises_instead(tmp_path) -> None:
     model = make_model()
     watcher = normlog.watch(model, str(tmp_path), strict=True)
     watcher.writer.close()
-    x, y = batch(0)
-    with pytest.raises(ValueError, match="closed"):
-        nn.functional.mse_loss(model(x), y).backward()
+    with pytest.raises(ValueError, match="closed"):  # at the step's writing: the second pass starts it
+        for step in range(2):
+            model.zero_grad()
+            x, y = batch(step)
+            nn.functional.mse_loss(model(x), y).backward()
 
 
 def test_log_activations_records_leaf_module_outputs(tmp_path) -> None:
@@ -372,8 +384,8 @@ def test_log_activations_records_leaf_module_outputs(tmp_path) -> None:
         hidden = torch.tanh(model[0](x))
         nn.functional.mse_loss(out, y).backward()
     events = read_events(str(tmp_path))
-    assert scalars(events, "activations/1/norm")[0] == pytest.approx(hidden.norm().item(), rel=1e-6)
-    assert "activations/4" in events.Tags()["histograms"]
+    assert scalars(events, norm_tag("activations", "1"))[0] == pytest.approx(hidden.norm().item(), rel=1e-6)
+    assert histogram_tag("activations", "4") in events.Tags()["histograms"]
 
 
 def test_watching_a_compiled_model_adds_no_graph_breaks(tmp_path) -> None:
@@ -393,7 +405,7 @@ def test_watching_a_compiled_model_adds_no_graph_breaks(tmp_path) -> None:
             optimizer.step()
         if watcher is not None:
             watcher.unwatch()
-            assert sorted(scalars(read_events(str(tmp_path / "True")), "gradients/global_norm")) == [0, 1, 2]
+            assert sorted(scalars(read_events(str(tmp_path / "True")), GLOBAL_NORM)) == [0, 1, 2]
         return sum(counters["graph_break"].values())
 
     assert breaks(watched=True) == breaks(watched=False)
@@ -403,14 +415,19 @@ def test_steps_gradscaler_skips_are_still_reported(tmp_path) -> None:
     model = make_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+
+    def overflow(grad: torch.Tensor) -> torch.Tensor:
+        return torch.cat([torch.full_like(grad[:1], float("inf")), grad[1:]])
+
     with normlog.watch(model, str(tmp_path), optimizer=optimizer, scaler=scaler) as watcher:
         norms = []
         for step in range(4):
             optimizer.zero_grad()
             x, y = batch(step)
+            handle = model[0].bias.register_hook(overflow) if step == 2 else None  # Inf in the backward pass
             scaler.scale(nn.functional.mse_loss(model(x), y)).backward()
-            if step == 2:
-                model[0].bias.grad[0] = float("inf")
+            if handle is not None:
+                handle.remove()
             scaler.unscale_(optimizer)
             norms.append(model[0].weight.grad.norm().item())  # unscaled
             with (
@@ -423,11 +440,11 @@ def test_steps_gradscaler_skips_are_still_reported(tmp_path) -> None:
         assert watcher.step == 4
     assert scaler.update.__func__ is torch.amp.GradScaler.update  # unwatch restored it
     events = read_events(str(tmp_path))
-    logged = scalars(events, "gradients/0.weight/norm")
+    logged = scalars(events, norm_tag("gradients", "0.weight"))
     assert sorted(logged) == [0, 1, 2, 3]
     assert all(logged[s] == pytest.approx(norms[s], rel=1e-6) for s in range(4))
     assert scalars(events, "amp/skipped_step") == {2: 1.0}
-    assert scalars(events, "gradients/0.bias/nonfinite") == {2: 1.0}
+    assert scalars(events, nonfinite_count_tag("gradients", "0.bias")) == {2: 1.0}
     assert scalars(events, "amp/loss_scale") == {0: 1024.0, 1: 1024.0, 2: 1024.0, 3: 512.0}
 
 
@@ -457,10 +474,10 @@ def test_a_model_spread_over_the_cpu_and_a_gpu(tmp_path) -> None:
     events = read_events(str(tmp_path))
     for step, grads in enumerate(seen):
         total = torch.nn.utils.get_total_norm([g.cpu() for g in grads.values()]).item()
-        assert scalars(events, "gradients/global_norm")[step] == pytest.approx(total, rel=1e-6)
+        assert scalars(events, GLOBAL_NORM)[step] == pytest.approx(total, rel=1e-6)
         for name, grad in grads.items():
-            assert scalars(events, f"gradients/{name}/norm")[step] == pytest.approx(grad.norm().item(), rel=1e-6)
-            (event,) = [e for e in events.Histograms(f"gradients/{name}") if e.step == step]
+            assert scalars(events, norm_tag("gradients", name))[step] == pytest.approx(grad.norm().item(), rel=1e-6)
+            (event,) = [e for e in events.Histograms(histogram_tag("gradients", name)) if e.step == step]
             core = normlog.histogram(grad.cpu().numpy())
             assert (event.histogram_value.min, event.histogram_value.max) == (core.min, core.max)
             assert event.histogram_value.num == core.num
@@ -533,18 +550,18 @@ def test_watching_a_gpu_model_gives_torchs_norms_and_the_cores_histograms(tmp_pa
     events = read_events(str(tmp_path))
     for step, grads in enumerate(seen):
         total = torch.nn.utils.get_total_norm(list(grads.values())).item()
-        global_norm = scalars(events, "gradients/global_norm")[step]
+        global_norm = scalars(events, GLOBAL_NORM)[step]
         assert math.isnan(global_norm) if step == 2 else global_norm == pytest.approx(total, rel=1e-6)
         for name, grad in grads.items():
-            norm = scalars(events, f"gradients/{name}/norm")[step]
+            norm = scalars(events, norm_tag("gradients", name))[step]
             assert math.isnan(norm) if grad.isnan().any() else norm == pytest.approx(grad.norm().item(), rel=1e-6)
-            (event,) = [e for e in events.Histograms(f"gradients/{name}") if e.step == step]
+            (event,) = [e for e in events.Histograms(histogram_tag("gradients", name)) if e.step == step]
             core = normlog.histogram(grad.cpu().numpy())
             value = event.histogram_value
             assert (value.min, value.max, value.num) == (core.min, core.max, core.num)
             filled = np.flatnonzero(core.counts)
             np.testing.assert_array_equal(value.bucket, core.counts[filled[0] : filled[-1] + 1])
-    assert scalars(events, "gradients/2.weight/nonfinite") == {2: 3.0}
+    assert scalars(events, nonfinite_count_tag("gradients", "2.weight")) == {2: 3.0}
 
 
 @needs_cuda

@@ -3,7 +3,9 @@
 Rules: `Reduction.start` chooses the engine (Triton rows on CUDA, compiled rows on the CPU,
 torch ops elsewhere and for shards) and starts every reduction without waiting for the
 device. `joined` is the one tensor that crosses to the host; `decode` turns the host copy
-into the framework-free `normlog._step.Group`s and `Updates`. Column numbers come from
+into the framework-free `normlog._step.Group`s and `Updates`. A reduction is started when a
+backward pass ends and may be read only at the optimizer's step, after clipping and
+unscaling changed the gradients in place: nothing read late may depend on their values. Column numbers come from
 `normlog._rows`; tags and everything written are `normlog._step`'s business.
 """
 
@@ -45,6 +47,16 @@ class Reduction:
     # tensors can go before the host reads them.
     rows: bool = False
     order: list[int] | None = None
+    extra_sizes: tuple[int, int, int] = (0, 0, 0)  # what `joined` put after the pieces
+    # the GradScaler scale the gradients were multiplied by (a 1-element device tensor), or None
+    scale: torch.Tensor | None = None
+    # norms of the gradients as optimizer.step() received them (after clipping), or None
+    applied: torch.Tensor | None = None
+    # (id, version) of each gradient when read: unchanged at the step, it was applied as read
+    versions: list[tuple[int, int]] = field(default_factory=list)
+    # rows of the tensors whose NaN/Inf the torch-ops path recounted when the step started,
+    # by tensor index: on the CPU that costs nothing, and the gradients may change later
+    recounted: dict[int, np.ndarray] = field(default_factory=dict)
 
     @classmethod
     def start(
@@ -66,17 +78,37 @@ class Reduction:
         triton, numba = _engines.triton_kernel(), _engines.numba_kernel()
         if not any(shards) and triton is not None and all(triton.supports(t) for t in tensors):
             pieces, order = multi_tensor_rows(tensors, bins if histograms else 0)
-            return cls(**common, pieces=pieces, histograms=histograms, rows=True, order=order)  # type: ignore[arg-type]
+            reduction = cls(**common, pieces=pieces, histograms=histograms, rows=True, order=order)  # type: ignore[arg-type]
+            reduction.release_inputs()
+            return reduction
         if histograms and not any(shards) and numba is not None and all(map(compiled_on_cpu, tensors)):
             # the compiled rows count NaN/Inf and hold each sum of squares in float64:
             # the norms come from them, without a pass of their own
             rows = compiled_rows(tensors, bins)
             order = list(range(len(tensors)))
-            return cls(**common, pieces=[rows], histograms=True, rows=True, order=order)  # type: ignore[arg-type]
+            reduction = cls(**common, pieces=[rows], histograms=True, rows=True, order=order)  # type: ignore[arg-type]
+            reduction.release_inputs()
+            return reduction
         pieces = [full_norms(tensors, shards)]
         if histograms:
             pieces += full_rows(tensors, shards, bins, mask_nonfinite=False)
-        return cls(**common, pieces=pieces, histograms=histograms)  # type: ignore[arg-type]
+        reduction = cls(**common, pieces=pieces, histograms=histograms)  # type: ignore[arg-type]
+        if pieces[0].device.type == "cpu" and not any(shards):
+            reduction.recount_now()
+        return reduction
+
+    def recount_now(self) -> None:
+        """Recount the NaN/Inf of every tensor whose norm is not finite, now, while the
+        tensors hold the values the norms were taken from; then let the tensors go."""
+        for i in np.flatnonzero(~np.isfinite(self.pieces[0].numpy())):
+            row = full_rows([self.tensors[i]], [self.shards[i]], self.bins, mask_nonfinite=True)[0]
+            self.recounted[int(i)] = row.cpu().numpy()
+        self.release_inputs()
+
+    def release_inputs(self) -> None:
+        """The tensors measured are not read again (their reductions have started)."""
+        self.groups = [(kind, names, []) for kind, names, _ in self.groups]
+        self.tensors = []
 
     def measure_updates(self) -> None:
         """After the optimizer's step: ‖w_after - w_before‖ of every snapshotted weight."""
@@ -85,21 +117,40 @@ class Reduction:
             differences = torch._foreach_sub([t for t, _ in after], self.before)
             self.update_norms = full_norms(list(differences), [g for _, g in after])
 
+    def measure_applied(self, gradients: list[torch.Tensor]) -> None:
+        """The norms of the gradients the optimizer applies: after clipping and unscaling."""
+        parts = [local(g) for g in gradients]
+        self.applied = full_norms([t for t, _ in parts], [g for _, g in parts])
+
     def joined(self) -> torch.Tensor:
-        """Everything the host needs, as one flat float64 tensor on the first piece's device."""
-        pieces = self.pieces if self.update_norms is None else [*self.pieces, self.update_norms]
+        """Everything the host needs, as one flat float64 tensor on the first piece's device:
+        the pieces, then the update norms, the applied norms and the scale where present."""
+        extras = (self.update_norms, self.applied, self.scale)
+        updated, measured, scaled = (0 if extra is None else extra.numel() for extra in extras)
+        self.extra_sizes = (updated, measured, scaled)
+        pieces = [*self.pieces, *(extra for extra in extras if extra is not None)]
         device = pieces[0].device
-        return torch.cat([piece.reshape(-1).to(device) for piece in pieces])
+        return torch.cat([piece.reshape(-1).to(device, torch.float64) for piece in pieces])
 
     def release(self) -> None:
         """Let the device tensors go (the rows path needs nothing of them after `joined`)."""
         self.groups = [(kind, names, []) for kind, names, _ in self.groups]
         self.tensors, self.pieces, self.before, self.update_norms = [], [], None, None
+        self.applied = self.scale = None
 
-    def decode(self, host: np.ndarray) -> tuple[list[Group], Updates | None]:
-        """The host copy of `joined()` as the step's groups and update norms. A tensor whose
-        norm is not finite and whose NaN/Inf were not counted on the device is recounted
-        (rare: NaN/Inf present, or a float32 overflow), its histogram row with it."""
+    def decode(self, host: np.ndarray) -> tuple[list[Group], Updates | None, float | None]:
+        """The host copy of `joined()` as the step's groups, update norms and the global norm
+        of the applied gradients (None where not measured). A tensor whose norm is not
+        finite and whose NaN/Inf were not counted on the device is recounted (rare: NaN/Inf
+        present, or a float32 overflow), its histogram row with it. Gradients scaled by a
+        GradScaler are unscaled here: norms, bounds and sums divided by the scale, and the
+        counts kept, which is exact for the power-of-two scales GradScaler uses."""
+        updated, measured, scaled = self.extra_sizes
+        cut = len(host) - updated - measured - scaled
+        scale = float(host[-1]) if scaled else None
+        update_norms, applied_norms = host[cut : cut + updated], host[cut + updated : cut + updated + measured]
+        host = host[:cut]
+        applied = float(np.sqrt(np.sum(np.square(applied_norms)))) if measured else None
         count = sum(len(names) for _, names, _ in self.groups)
         width = _rows.width(self.bins)
         counted: np.ndarray | None = None
@@ -109,28 +160,35 @@ class Reduction:
             table[self.order] = host[: count * width].reshape(count, width)
             norms, counted = _rows.norms(table), _rows.nonfinite(table)
             rows = table if self.histograms else None
-            update_norms = host[count * width :]
         else:
             norms = host[:count]
             end = count + (count * width if self.histograms else 0)
             rows = host[count:end].reshape(count, width) if self.histograms else None
-            update_norms = host[end:]
         if counted is None:
             counted = np.zeros(count)
             for i in np.flatnonzero(~np.isfinite(norms)):
-                row = full_rows([self.tensors[i]], [self.shards[i]], self.bins, mask_nonfinite=True)[0].cpu().numpy()
+                row = self.recounted.get(int(i))
+                if row is None:
+                    tensor, shards = self.tensors[i], self.shards[i]
+                    row = full_rows([tensor], [shards], self.bins, mask_nonfinite=True)[0].cpu().numpy()
                 counted[i] = _rows.nonfinite(row[None])[0]
                 if rows is not None:
                     rows[i] = row
         groups, start = [], 0
         for kind, names, _ in self.groups:
             stop = start + len(names)
-            group_rows = None if rows is None else rows[start:stop]
-            groups.append(Group(kind, names, norms[start:stop], counted[start:stop], group_rows))
+            group_norms, group_rows = norms[start:stop], None if rows is None else rows[start:stop]
+            if kind == "gradients" and scale is not None:
+                group_norms = group_norms / scale
+                if group_rows is not None:
+                    group_rows = group_rows.copy()
+                    group_rows[:, [_rows.MIN, _rows.MAX, _rows.SUM]] /= scale
+                    group_rows[:, _rows.SUM_SQUARES] /= scale * scale
+            groups.append(Group(kind, names, group_norms, counted[start:stop], group_rows))
             start = stop
         updates = None
         if update_norms.size:
             weights = {n: w for g in groups if g.kind == "parameters" for n, w in zip(g.names, g.norms)}  # type: ignore[arg-type]
             names = [name for name, _ in self.updated]
             updates = Updates(names, update_norms, np.array([weights.get(n, np.nan) for n in names]))
-        return groups, updates
+        return groups, updates, applied

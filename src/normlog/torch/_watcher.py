@@ -1,10 +1,11 @@
 """The PyTorch `Watcher`: hooks, the step schedule, GradScaler, the background writing, life cycle.
 
-Rules: the hooks decide when a step is logged and start its reductions (`_reduce`); steps
-that are not logged never wait for the device. The host side of a step (tags, scalars,
-health) is `normlog._step`'s. On a GPU the one transfer lands in pinned memory and a
-background thread writes it, so logged steps do not wait either. A failure inside logging
-warns once and training goes on, unless `strict=True`.
+Rules: a step is one optimizer update. Its gradients are read when the last backward pass
+before the update ends (after DDP's all-reduce, before clipping), and the step is written
+when the optimizer steps; steps that are not logged never wait for the device. The host side
+of a step (tags, scalars, health) is `normlog._step`'s. On a GPU the one transfer lands in
+pinned memory and a background thread writes it. A failure inside logging warns once and
+training goes on, unless `strict=True`.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 from torch.utils.hooks import RemovableHandle
 
-from normlog._step import LOSS_SCALE, SKIPPED_STEP, Kind, Recorder
+from normlog._step import LOSS_SCALE, SKIPPED_STEP, Kind, Recorder, run_directory
 from normlog._watching import Background, Guard, check_options
 from normlog.health import Finding, Monitor, Thresholds
 from normlog.torch._distributed import dtensor_type, local, rank_and_world, unwrapped
@@ -29,16 +31,100 @@ from normlog.torch._engines import dense
 from normlog.torch._reduce import Reduction
 from normlog.writer import Writer
 
-__all__ = ["Watcher", "unwatch", "watch"]
+__all__ = ["CLIPPED_GLOBAL_NORM", "Watcher", "torch_optimizer", "unwatch", "watch"]
 
 Log = Literal["gradients", "parameters", "all"]
 
+# The global norm of the gradients optimizer.step() received: after clipping (and GradScaler's
+# unscaling), where `gradients/global_norm` is before clipping. Defined here alone until the
+# tag scheme's owner, normlog._step, takes it over.
+CLIPPED_GLOBAL_NORM = "global/grad_norm_clipped"
+
 # model -> its Watcher; weak so that watching never keeps a model alive.
 _WATCHERS: weakref.WeakKeyDictionary[nn.Module, Watcher] = weakref.WeakKeyDictionary()
+# model -> the step its last watcher had reached: watching it again continues the count
+_STEPS: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
+# every live watcher, for the optimizer hooks torch calls for every optimizer
+_LIVE: weakref.WeakSet[Watcher] = weakref.WeakSet()
+_GLOBAL_HOOKS: list[RemovableHandle] = []
+
+
+def torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The `torch.optim.Optimizer` that `optimizer` is or wraps (through `.optimizer`, as
+    accelerate's AcceleratedOptimizer and Lightning's LightningOptimizer do)."""
+    inner = optimizer
+    for _ in range(8):
+        if isinstance(inner, torch.optim.Optimizer):
+            return inner
+        inner = getattr(inner, "optimizer", None)
+    raise TypeError(
+        f"optimizer= takes a torch.optim.Optimizer, or a wrapper whose .optimizer is one (accelerate's "
+        f"AcceleratedOptimizer, Lightning's LightningOptimizer); got {type(optimizer).__name__}. Pass the torch "
+        "optimizer itself, or leave optimizer= out: every optimizer that updates the model's parameters is found"
+    )
+
+
+def _before_any_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    for watcher in list(_LIVE):
+        watcher._before_optimizer_step(optimizer, args, kwargs)
+
+
+def _after_any_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    for watcher in list(_LIVE):
+        watcher._after_optimizer_step(optimizer, args, kwargs)
+
+
+def _hook_every_optimizer() -> None:
+    # torch calls these for every optimizer's step(), wrapped ones and those made after
+    # watch() included; registered once, they reach each live watcher through a weak set
+    if not _GLOBAL_HOOKS:
+        _GLOBAL_HOOKS.append(register_optimizer_step_pre_hook(_before_any_step))
+        _GLOBAL_HOOKS.append(register_optimizer_step_post_hook(_after_any_step))
+
+
+class _InertHook:
+    """What an activation hook becomes in a pickle or a deep copy: it records nothing."""
+
+    def __call__(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        return None
+
+
+class _ActivationHook:
+    """A leaf module's forward hook for `log_activations`. It holds its watcher and module
+    weakly, records only that module's own outputs (never a copy's, whose dict of hooks a
+    shallow copy shares), and pickles and deep-copies as an `_InertHook`, so `torch.save`,
+    `pickle` and an EMA's `copy.deepcopy` of a watched model work and log nothing."""
+
+    def __init__(self, watcher: Watcher, module: nn.Module, name: str) -> None:
+        self._watcher = weakref.ref(watcher)
+        self._module = weakref.ref(module)
+        self._name = name
+
+    def __call__(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        watcher = self._watcher()
+        if watcher is not None and module is self._module():
+            watcher._record_activation(self._name, output)
+
+    def __reduce__(self) -> tuple[type[_InertHook], tuple[()]]:
+        return (_InertHook, ())
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _InertHook:
+        return _InertHook()
+
+
+def _release(background: Background, writer: Writer | None) -> None:
+    """A watcher's clean-up, run by `unwatch` or when the watcher is collected: its thread
+    stops and the Writer it made closes, so dropped watchers leak no thread or descriptor."""
+    background.stop()
+    if writer is not None:
+        writer.close()
 
 
 class Watcher:
-    """The hooks `watch` installs, and the step they count. Use `watch()` to make one."""
+    """The hooks `watch` installs, and the step they count. Use `watch()` to make one.
+
+    `step` is the number the next optimizer update will be logged at; set it to move the
+    step axis (the integrations keep it on their trainer's global step)."""
 
     def __init__(
         self,
@@ -50,17 +136,21 @@ class Watcher:
         every: int,
         histogram_every: int | None,
         update_every: int | None,
-        optimizer: torch.optim.Optimizer | None,
+        optimizer: Any,
         scaler: torch.amp.GradScaler | None,
         bins: int,
         log_activations: bool,
         strict: bool,
         health: bool | Thresholds,
         health_via: Literal["warnings", "logging"],
+        step: int = 0,
     ) -> None:
         check_options(log, every, histogram_every, update_every)
+        if not isinstance(step, int) or step < 0:
+            raise ValueError(f"step must be a non-negative int, got {step!r}")
+        chosen = None if optimizer is None else torch_optimizer(optimizer)
         self.writer = writer
-        self.step = 0
+        self.step = step
         self._owns_writer = owns_writer
         self._model = weakref.ref(model)
         self._log_gradients = log in ("gradients", "all")
@@ -71,19 +161,45 @@ class Watcher:
         self._bins = bins
         self._guard = Guard(strict)
         self._handles: list[RemovableHandle] = []
+        self._grad_hooks: dict[int, RemovableHandle] = {}  # id(parameter) -> its hook
         # named as in the model itself, so one GPU and many give the same tags
-        self._params = [(name, p) for name, p in unwrapped(model).named_parameters()]
+        self._params: list[tuple[str, nn.Parameter]] = []
+        self._trainable: set[int] = set()
         dtensor = dtensor_type()
-        self._sharded = dtensor is not None and any(isinstance(p, dtensor) for _, p in self._params)
+        params = list(unwrapped(model).named_parameters())
+        self._sharded = dtensor is not None and any(isinstance(p, dtensor) for _, p in params)
         if self._sharded and optimizer is None:
             raise ValueError(
                 "the model has sharded (DTensor) parameters, as FSDP2's fully_shard makes: pass optimizer=, "
                 "since their gradients only arrive, reduce-scattered, before optimizer.step()"
             )
-        self._backward_queued = False
-        self._pending: Reduction | None = None
+        self._optimizer = None if chosen is None else weakref.ref(chosen)
+        self._accepted: weakref.WeakKeyDictionary[torch.optim.Optimizer, tuple[int, bool]] = weakref.WeakKeyDictionary()
+        if chosen is not None:
+            watched = {id(p) for _, p in params}
+            if not any(id(p) in watched for group in chosen.param_groups for p in group["params"]):
+                raise ValueError("the optimizer updates none of the model's parameters")
+        # the step being read: see _after_backward and the optimizer hooks
+        self._pending: Reduction | None = None  # the reductions of the latest backward pass
+        self._fresh = False  # a backward pass ended since the last step was written
+        self._task = -1  # the autograd graph task the grad hooks last saw
+        self._seen_backward = False
+        self._seen_optimizer = False
+        self._per_backward = False  # no optimizer: each backward pass is a step
+        self._snapshot: list[tuple[int, int, int]] = []  # (parameter, grad id, grad version)
+        self._in_step: torch.optim.Optimizer | None = None
+        self._closure = False
+        self._closure_backward = False  # a backward pass ran inside this step(closure)
+        self._before: list[tuple[str, nn.Parameter, torch.Tensor]] | None = None
+        self._stepped = False
+        self._restore: list[Callable[[], None]] = []
+        self._activations: dict[str, torch.Tensor] = {}
+        self._scaler = scaler
         self._background = Background()
         self._failure: Exception | None = None  # from the background, raised on the training thread
+        monitor = Monitor(health if isinstance(health, Thresholds) else None) if health else None
+        self._recorder = Recorder(writer, self._guard, bins, monitor, health_via)
+        self._finalizer = weakref.finalize(self, _release, self._background, writer if owns_writer else None)
         # at exit, steps still being written are finished before the writer's own exit hook
         # closes it (atexit runs the last registered first); a weak reference keeps the
         # watcher, and so the model, collectable
@@ -96,31 +212,62 @@ class Watcher:
 
         self._at_exit = at_exit
         atexit.register(at_exit)
-        self._has_optimizer = optimizer is not None
-        self._stepped = False
-        self._restore: list[Callable[[], None]] = []
-        self._activations: list[tuple[str, torch.Tensor]] = []
-        monitor = Monitor(health if isinstance(health, Thresholds) else None) if health else None
-        self._recorder = Recorder(writer, self._guard, bins, monitor, health_via)
-
-        if optimizer is not None:
-            watched = {id(p) for _, p in self._params}
-            if not any(id(p) in watched for group in optimizer.param_groups for p in group["params"]):
-                raise ValueError("the optimizer updates none of the model's parameters")
-            self._handles.append(optimizer.register_step_pre_hook(self._before_optimizer_step))
-            self._handles.append(optimizer.register_step_post_hook(self._after_optimizer_step))
-            if scaler is not None:
-                self._wrap_scaler(scaler)
-        elif scaler is not None:
-            raise ValueError("scaler= needs optimizer= too: skipped steps are the optimizer's")
-        else:
-            for _, param in self._params:
-                if param.requires_grad:
-                    self._handles.append(param.register_post_accumulate_grad_hook(self._on_grad_accumulated))  # type: ignore[no-untyped-call]
+        self._follow(params, announce=False)
+        if scaler is not None:
+            self._wrap_scaler(scaler)
         if log_activations:
             for name, module in model.named_modules():
                 if not any(True for _ in module.children()):
-                    self._handles.append(module.register_forward_hook(self._activation_hook(name)))
+                    self._handles.append(module.register_forward_hook(_ActivationHook(self, module, name or "output")))
+        _hook_every_optimizer()
+        _LIVE.add(self)
+
+    # -- which tensors -------------------------------------------------------------------
+
+    def _follow(self, params: list[tuple[str, nn.Parameter]], announce: bool = True) -> None:
+        """Watch `params`, the model's parameters now: hook new ones, unhook those gone."""
+        if announce:
+            known = {id(p) for _, p in self._params}
+            new = [name for name, p in params if id(p) not in known]
+            self._guard.warn_once(
+                "replaced:" + ",".join(new),
+                f"normlog: the model's parameters changed after watch() (new tensors: {', '.join(new) or 'none'}); "
+                "logging the model's parameters as they are now",
+            )
+        self._params = params
+        self._trainable = {id(p) for _, p in params if p.requires_grad}
+        self._accepted = weakref.WeakKeyDictionary()
+        for key in [key for key in self._grad_hooks if key not in self._trainable]:
+            self._grad_hooks.pop(key).remove()
+        if self._sharded:
+            return  # FSDP2's sharded gradients arrive before optimizer.step(), never through these hooks
+        for _, param in params:
+            if param.requires_grad and id(param) not in self._grad_hooks:
+                hook = param.register_post_accumulate_grad_hook(self._on_grad_accumulated)  # type: ignore[no-untyped-call]
+                self._grad_hooks[id(param)] = hook
+
+    def _refresh(self) -> None:
+        """Follow the model if a layer was replaced (`model.fc = nn.Linear(...)`) since."""
+        model = self._model()
+        if model is None:
+            return
+        params = list(unwrapped(model).named_parameters())
+        if len(params) != len(self._params) or any(p is not q for (_, p), (_, q) in zip(params, self._params)):
+            self._follow(params)
+
+    def _accepts(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Whether `optimizer`'s steps are this model's updates: the one passed as
+        `optimizer=` (while it lives), else any that updates a watched parameter."""
+        chosen = None if self._optimizer is None else self._optimizer()
+        if chosen is not None:
+            return optimizer is chosen
+        groups = optimizer.param_groups
+        cached = self._accepted.get(optimizer)
+        if cached is None or cached[0] != len(groups):
+            trainable = self._trainable
+            updates = any(id(p) in trainable for group in groups for p in group["params"])
+            cached = self._accepted[optimizer] = (len(groups), updates)
+        return cached[1]
 
     # -- when a step happens ---------------------------------------------------------
 
@@ -130,14 +277,35 @@ class Watcher:
     def _logged(self) -> tuple[bool, bool]:
         """Whether this step logs anything, and whether it logs histograms."""
         histograms = self._due(self._histogram_every)
-        updates = self._has_optimizer and self._log_parameters and self._due(self._update_every)
+        updates = self._log_parameters and self._due(self._update_every)
         return self._due(self._every) or histograms or updates, histograms
 
-    def _on_grad_accumulated(self, _: torch.Tensor) -> None:
-        # Runs once per parameter per backward pass; the callback runs once, after all of them.
-        if not self._backward_queued:
-            self._backward_queued = True
+    def _on_grad_accumulated(self, param: torch.Tensor) -> None:
+        # Runs once per parameter per backward pass. The first of a pass (a new graph task:
+        # a pass that failed never ran its callback, and the next one is new all the same)
+        # queues the callback that runs once all of them have.
+        task = torch._C._current_graph_task_id()
+        if task != self._task:
+            self._task = task
+            self._guard.safely(lambda: self._new_backward(param))
             torch.autograd.Variable._execution_engine.queue_callback(self._queue_after_backward)
+
+    def _new_backward(self, first: torch.Tensor) -> None:
+        """Before any optimizer step was seen, a backward pass that follows one whose
+        gradients were cleared (zero_grad) marks a loop without an optimizer: from then on
+        each backward pass is a step. Gradients kept (accumulation) decide nothing."""
+        if self._seen_optimizer or self._per_backward or not self._fresh or self._in_step is not None:
+            return
+        params = {id(p): p for _, p in self._params}
+        for key, grad_id, version in self._snapshot:
+            param = params.get(key)
+            if param is None or param is first:
+                continue
+            grad = param.grad
+            if grad is None or id(grad) != grad_id or grad._version != version:
+                self._per_backward = True
+                self._write_step(self._pending)
+                return
 
     def _queue_after_backward(self) -> None:
         # Queued again, so it runs after every callback queued during the backward pass:
@@ -145,36 +313,84 @@ class Watcher:
         torch.autograd.Variable._execution_engine.queue_callback(self._after_backward)
 
     def _after_backward(self) -> None:
-        self._backward_queued = False
+        """A backward pass is done: read its gradients now, before any clipping; the step is
+        written when the optimizer steps. Inside `step(closure)`, only the first pass counts
+        (LBFGS evaluates the closure again: the first is the gradient at the step's start)."""
         self._guard.safely(self._raise_failure)
-        try:
-            self._guard.safely(self._log_backward, where=f" at step {self.step}")
-        finally:
-            self.step += 1
+        if self._in_step is not None:
+            if self._closure_backward:
+                return
+            self._closure_backward = True
+        self._seen_backward = True
+        self._fresh = True
+        self._pending = self._guard.safely(self._reduce, where=f" at step {self.step}")
+        if not self._seen_optimizer:
+            self._snapshot = [
+                (id(p), id(p.grad), p.grad._version) for _, p in self._params if p.grad is not None and p.requires_grad
+            ]
+        if self._per_backward:
+            self._write_step(self._pending)
 
-    def _log_backward(self) -> None:
-        pending = self._reduce()
-        if pending is not None:
-            self._finish(pending)
-
-    def _before_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        self._pending = None
+    def _before_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self._in_step is not None or not self._accepts(optimizer):
+            return  # an optimizer inside another's step, or one of another model
+        self._in_step = optimizer
+        self._seen_optimizer = True
+        self._per_backward = False
+        self._closure = bool(args and args[0] is not None) or kwargs.get("closure") is not None
+        self._closure_backward = False
         self._guard.safely(self._raise_failure)
         self._guard.safely(self._start_optimizer_step, where=f" at step {self.step}")
 
     def _start_optimizer_step(self) -> None:
-        pending = self._reduce()
-        if pending is not None and self._log_parameters and self._due(self._update_every):
+        if not self._fresh and not self._closure and (self._sharded or not self._seen_backward):
+            # gradients that no hook saw arrive: FSDP2's, or ones set by hand; read them now
+            self._pending, self._fresh = self._reduce(), True
+        self._before = None
+        if self._log_parameters and self._due(self._update_every):
             # A copy of every weight: the reason update ratios have their own, sparser cadence.
-            pending.before = [local(p.detach())[0].clone() for _, p in pending.updated]
-        self._pending = pending
+            with torch.no_grad():
+                trainable = [(n, p) for n, p in self._params if id(p) in self._trainable]
+                self._before = [(n, p, local(p.detach())[0].clone()) for n, p in trainable]
 
-    def _after_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+    def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if optimizer is not self._in_step:
+            return
+        self._in_step = None
         self._stepped = True
+        if not self._fresh:
+            return  # no backward pass since the last step: a second optimizer of the same update
+        pending = self._pending
+        before, self._before = self._before, None
+        if pending is not None:
+            self._guard.safely(lambda: self._measure_step(pending, before), where=f" at step {self.step}")
+        self._write_step(pending)
+
+    def _measure_step(self, pending: Reduction, before: list[tuple[str, nn.Parameter, torch.Tensor]] | None) -> None:
+        """After the optimizer's update: the norm of the gradients it applied, and the
+        update ratios when due."""
+        with torch.no_grad():
+            grads = [p.grad for _, p in pending.updated]
+            if self._log_gradients and any(
+                g is None or id(g) != i or g._version != v for g, (i, v) in zip(grads, pending.versions)
+            ):  # changed since backward (clipped, unscaled): measured again; else the same norm
+                pending.measure_applied([dense(g) for g in grads if g is not None])
+            if before is not None:
+                kept = [(n, p, b) for n, p, b in before if p.grad is not None]
+                pending.updated = [(n, p) for n, p, _ in kept]
+                pending.before = [b for _, _, b in kept]
+                pending.measure_updates()
+
+    def _write_step(self, pending: Reduction | None, scalars: list[tuple[str, float]] | None = None) -> None:
+        """Write the step read last at `self.step`, and count it."""
+        self._pending, self._fresh = None, False
         try:
-            self._guard.safely(self._finish_optimizer_step, where=f" at step {self.step}")
+            if pending is not None:
+                pending.step = self.step
+                self._guard.safely(lambda: self._finish(pending, scalars or []), where=f" at step {self.step}")
+            elif scalars:
+                self._guard.safely(lambda: self._recorder.record(self.step, scalars=scalars))
         finally:
-            self._pending = None
             self.step += 1
 
     def _wrap_scaler(self, scaler: torch.amp.GradScaler) -> None:
@@ -185,38 +401,23 @@ class Watcher:
         def update(new_scale: Any = None) -> None:
             stepped, self._stepped = self._stepped, False
             if not stepped:
-                try:
-                    self._guard.safely(self._log_skipped_step, where=f" at step {self.step}")
-                finally:
-                    self.step += 1
+                self._write_step(self._pending, [(SKIPPED_STEP, 1.0)])
             self._guard.safely(lambda: self._log_loss_scale(scaler), where=f" at step {self.step - 1}")
             original(new_scale)
 
         scaler.update = update  # type: ignore[method-assign]
         self._restore.append(lambda: scaler.__dict__.pop("update", None))
 
-    def _log_skipped_step(self) -> None:
-        self._recorder.record(self.step, scalars=[(SKIPPED_STEP, 1.0)])
-        self._log_backward()  # the gradients, unscaled by scaler.step(), with their NaN/Inf counts
-
     def _log_loss_scale(self, scaler: torch.amp.GradScaler) -> None:
         step = self.step - 1  # the step this update() closes
         if step % self._every == 0:
             self._recorder.record(step, scalars=[(LOSS_SCALE, scaler.get_scale())])
 
-    def _finish_optimizer_step(self) -> None:
-        pending = self._pending
-        if pending is None:
-            return
-        pending.measure_updates()
-        self._finish(pending)
-
-    def _activation_hook(self, name: str) -> Callable[[nn.Module, Any, Any], None]:
-        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
-            if isinstance(output, torch.Tensor) and self._logged()[0] and torch.is_grad_enabled():
-                self._activations.append((name or "output", output.detach()))
-
-        return hook
+    def _record_activation(self, name: str, output: Any) -> None:
+        # one output per module, the latest: forwards never followed by a backward pass of
+        # the model (validation without no_grad) hold one batch's outputs, never more
+        if isinstance(output, torch.Tensor) and torch.is_grad_enabled() and self._logged()[0]:
+            self._activations[name] = output.detach()
 
     # -- what a logged step records ----------------------------------------------------
 
@@ -229,24 +430,33 @@ class Watcher:
 
     def _reduce_without_grad(self) -> Reduction | None:
         logged, histograms = self._logged()
-        activations, self._activations = self._activations, []
+        activations, self._activations = self._activations, {}
         if not logged:
             return None
+        self._refresh()
         groups: list[tuple[Kind, list[str], list[torch.Tensor]]] = []
-        with_grad = [(name, p) for name, p in self._params if p.grad is not None]
+        # a frozen parameter's gradient is left out whatever its stale .grad holds: it is
+        # never dead or stalled; its weight is still logged
+        trainable = self._trainable
+        with_grad = [(name, p) for name, p in self._params if p.grad is not None and id(p) in trainable]
         if self._log_gradients:
             grads = [dense(p.grad) for _, p in with_grad]  # type: ignore[arg-type]
             groups.append(("gradients", [n for n, _ in with_grad], grads))
         if self._log_parameters:
-            params = with_grad if self._has_optimizer else self._params
-            groups.append(("parameters", [n for n, _ in params], [p for _, p in params]))
+            groups.append(("parameters", [n for n, _ in self._params], [p for _, p in self._params]))
         if activations:
-            groups.append(("activations", [n for n, _ in activations], [a for _, a in activations]))
+            groups.append(("activations", list(activations), list(activations.values())))
         if self.writer is None and not self._sharded:
             return None  # a rank that does not write, with nothing to add to the ranks that do
-        return Reduction.start(self.step, groups, with_grad, self._bins, histograms, self._sharded)
+        pending = Reduction.start(self.step, groups, with_grad, self._bins, histograms, self._sharded)
+        if pending is not None:
+            pending.versions = [(id(p.grad), p.grad._version) for _, p in with_grad]  # type: ignore[union-attr]
+            scale = None if self._scaler is None or not self._scaler.is_enabled() else self._scaler._scale
+            if scale is not None and self._in_step is None:  # gradients read in backward: still scaled
+                pending.scale = scale.detach().clone()
+        return pending
 
-    def _finish(self, pending: Reduction) -> None:
+    def _finish(self, pending: Reduction, scalars: list[tuple[str, float]] | None = None) -> None:
         """The one device-to-host transfer of a logged step, then the writing. When nothing
         can need a recount (the rows of the Triton path) on a GPU, the copy goes to pinned
         memory without waiting, and a background thread waits for it and writes, while
@@ -258,15 +468,17 @@ class Watcher:
             event = torch.cuda.Event()  # type: ignore[no-untyped-call]
             event.record()
             pending.release()  # the device tensors are not needed again: let them go now
-            self._background.submit(functools.partial(self._write_later, pending, host, event))
+            self._background.submit(functools.partial(self._write_later, pending, host, event, scalars or []))
         else:
-            self._write(pending, joined.cpu().numpy())
+            self._write(pending, joined.cpu().numpy(), scalars or [])
 
-    def _write_later(self, pending: Reduction, host: torch.Tensor, event: torch.cuda.Event) -> None:
+    def _write_later(
+        self, pending: Reduction, host: torch.Tensor, event: torch.cuda.Event, scalars: list[tuple[str, float]]
+    ) -> None:
         """On the background thread: wait for the copy, then write (see `_finish`)."""
         try:
             event.synchronize()
-            self._guard.safely(lambda: self._write(pending, host.numpy()), where=f" at step {pending.step}")
+            self._guard.safely(lambda: self._write(pending, host.numpy(), scalars), where=f" at step {pending.step}")
         except Exception as error:  # strict: raised on the training thread, at its next hook
             self._failure = error
 
@@ -279,9 +491,15 @@ class Watcher:
         self._background.wait()
         self._raise_failure()
 
-    def _write(self, pending: Reduction, host: np.ndarray) -> None:
-        groups, updates = pending.decode(host)
-        self._recorder.record(pending.step, groups, updates)
+    def _write(self, pending: Reduction, host: np.ndarray, scalars: list[tuple[str, float]]) -> None:
+        groups, updates, applied = pending.decode(host)
+        if applied is None and pending.versions and self._log_gradients:
+            # the gradients were not changed after backward: the optimizer applied them as read
+            gradients = next(g for g in groups if g.kind == "gradients")
+            if gradients.norms is not None:
+                applied = float(np.sqrt(np.sum(np.square(gradients.norms))))
+        extra = [*scalars, (CLIPPED_GLOBAL_NORM, applied)] if applied is not None else scalars
+        self._recorder.record(pending.step, groups, updates, extra)
 
     @property
     def findings(self) -> list[Finding]:
@@ -293,24 +511,30 @@ class Watcher:
     # -- errors and life cycle -----------------------------------------------------------
 
     def unwatch(self) -> None:
-        """Write the step still in flight, remove every hook; close the writer if `watch` made it."""
+        """Write the step still in flight, remove every hook; close the writer if `watch` made it.
+        Without an optimizer, the last backward pass is written as a step now."""
         atexit.unregister(self._at_exit)
+        _LIVE.discard(self)
         try:
+            if self._fresh and not self._seen_optimizer:
+                self._write_step(self._pending)
             self._guard.safely(self._wait_for_writing)  # with strict, raises after the clean-up below
         finally:
-            self._background.stop()
+            self._pending, self._fresh = None, False
             self._recorder.close()
-            for handle in self._handles:
+            for handle in [*self._handles, *self._grad_hooks.values()]:
                 handle.remove()
             self._handles.clear()
+            self._grad_hooks.clear()
             for restore in self._restore:
                 restore()
             self._restore.clear()
             model = self._model()
-            if model is not None and _WATCHERS.get(model) is self:
-                del _WATCHERS[model]
-            if self._owns_writer and self.writer is not None:
-                self.writer.close()
+            if model is not None:
+                _STEPS[model] = self.step
+                if _WATCHERS.get(model) is self:
+                    del _WATCHERS[model]
+            self._finalizer()  # stops the background thread, closes the writer if watch made it
 
     def __enter__(self) -> Watcher:
         return self
@@ -324,11 +548,13 @@ def watch(
     logdir: str | None = None,
     *,
     writer: Writer | None = None,
+    name: str | None = None,
+    step: int | None = None,
     log: Log = "all",
     every: int = 1,
     histogram_every: int | None = 100,
     update_every: int | None = 100,
-    optimizer: torch.optim.Optimizer | None = None,
+    optimizer: Any = None,
     scaler: torch.amp.GradScaler | None = None,
     bins: int = 30,
     log_activations: bool = False,
@@ -340,57 +566,103 @@ def watch(
     """Log `model`'s gradient and weight norms every `every` steps and histograms every
     `histogram_every` steps, to `logdir` (or to `writer`).
 
-    With `optimizer`, a step is one `optimizer.step()`: gradients are read just before it,
-    after accumulation, DDP's all-reduce and GradScaler's unscaling, and update ratios
-    ‖w_after - w_before‖ / ‖w_before‖ are logged every `update_every` steps (each costs a
-    copy of the weights). With `scaler` (a `torch.amp.GradScaler`) too, the steps the scaler
-    skips for Inf/NaN are still logged, with `amp/skipped_step`, and `amp/loss_scale` is
-    logged every `every` steps. Without an optimizer, a step is one backward pass.
-    Watching a model again replaces its hooks. On a CUDA GPU, each logged step is written
-    by a background thread while training goes on; `unwatch()`, `findings` and interpreter
-    exit wait for it. With `health` (on by default; or pass
-    `normlog.health.Thresholds`), the rules of `normlog.health` run on every logged step and
-    report findings as HealthWarnings (or `logging` records with `health_via="logging"`) and
-    under `health/` in TensorBoard.
+    A step is one optimizer update. Its gradients are those the last backward pass before
+    the update left: accumulated over micro-batches, after DDP's all-reduce, unscaled where a
+    GradScaler scaled them, and before clipping (`gradients/global_norm_clipped` gives the
+    global norm the optimizer applied, after clipping). With `optimizer.step(closure)`
+    they are those of the closure's first backward pass (LBFGS evaluates it again; the first
+    is the gradient at the step's starting point). Every optimizer that updates the model's
+    parameters is found, including wrapped ones and ones made after `watch`; `optimizer=`
+    chooses one (a `torch.optim.Optimizer`, or a wrapper whose `.optimizer` is one). A loop
+    without any optimizer logs each backward pass as a step. Weights are those the
+    gradients were computed at; update ratios ‖w_after - w_before‖ / ‖w_before‖ are logged
+    every `update_every` steps (each costs a copy of the weights).
 
-    Under torch.distributed (call `watch` after `init_process_group`), every rank calls
-    `watch` and rank 0 alone writes, or with
-    `per_rank=True` each rank writes to `<logdir>/rank<k>`. Gradients are DDP's all-reduced
-    ones. Parameters sharded by FSDP2 (DTensors) are logged whole: norms add the shards'
-    squares and histograms bin every shard with the global min and max and add the counts,
-    in one all-reduce per logged step (two more when histograms are due, one for update ratios).
-    On the ranks that do not write, `watcher.writer` is None. A model wrapped in
-    DistributedDataParallel or torch.compile keeps its own tensor names.
+    Args:
+        model: the `nn.Module` to watch (or its DDP / `torch.compile` wrapper).
+        logdir: the run directory (default `runs/<date>_<host>`); or pass `writer`.
+        writer: a `normlog.Writer` to write into instead.
+        name: write into the run `<logdir>/<name>` (with `writer`, `<writer.logdir>/<name>`,
+            a Writer the watcher makes and closes): one run per model, so a GAN's two
+            models keep their own tags and TensorBoard overlays them.
+        step: the number of the first update logged (a resumed run: the checkpoint's step).
+            Default: 0, or where the model's previous watcher stopped.
+        log, every, histogram_every, update_every, bins: what is logged and how often.
+        optimizer: the optimizer whose steps count (default: every one updating the model).
+        scaler: a `torch.amp.GradScaler`: gradients are read scaled and divided by its scale,
+            the steps it skips for Inf/NaN are still logged with `amp/skipped_step`, and
+            `amp/loss_scale` is logged every `every` steps.
+        log_activations: log each leaf module's output too.
+        strict: raise failures inside logging instead of warning once.
+        health, health_via: the rules of `normlog.health` (pass `Thresholds` to tune them);
+            findings come as HealthWarnings (or `logging` records) and under `health/`.
+        per_rank: under torch.distributed, each rank writes `<logdir>/rank<k>`.
+
+    Returns:
+        The `Watcher`; `unwatch()` it (or use it as a context manager).
+
+    Raises:
+        TypeError: `model` is not an `nn.Module`, or `optimizer` is not a torch optimizer.
+        ValueError: a bad option, or an optimizer that updates none of the model's parameters.
+
+    Example:
+        >>> watcher = normlog.watch(model, "runs/exp1")  # doctest: +SKIP
+
+    On a CUDA GPU, each logged step is written by a background thread while training goes
+    on; `unwatch()`, `findings` and interpreter exit wait for it. Under torch.distributed
+    (call `watch` after `init_process_group`), every rank calls `watch` and rank 0 alone
+    writes. Parameters sharded by FSDP2 (DTensors) are logged whole, need `optimizer=`, and
+    are read just before `optimizer.step()` (after any clipping: their gradients arrive
+    there). On the ranks that do not write, `watcher.writer` is None.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"normlog.watch expects a torch.nn.Module, got {type(model).__name__}")
     if writer is not None and logdir is not None:
         raise ValueError("pass logdir or writer, not both")
+    if optimizer is not None:
+        torch_optimizer(optimizer)  # refuse what is not an optimizer before anything is made
+    previous = _WATCHERS.get(model)
     unwatch(model)
+    start = step if step is not None else (previous.step if previous is not None else _STEPS.get(model, 0))
     owns_writer = writer is None
+    if name is not None:
+        if writer is not None:
+            writer, owns_writer = Writer(run_directory(writer.logdir, name)), True
+        else:
+            logdir = run_directory(logdir, name)
     rank, world = rank_and_world()
-    if world > 1 and per_rank and writer is None:
+    if world > 1 and per_rank and owns_writer:
+        if writer is not None:
+            writer.close()
         writer = Writer(None if logdir is None else os.path.join(logdir, f"rank{rank}"), comment=f"_rank{rank}")
     elif world > 1 and not per_rank and rank != 0:
+        if owns_writer and writer is not None:
+            writer.close()
         writer = None  # rank 0 writes; this rank only joins the all-reduces of sharded tensors
     elif writer is None:
         writer = Writer(logdir)
-    watcher = Watcher(
-        model,
-        writer,
-        owns_writer=owns_writer,
-        log=log,
-        every=every,
-        histogram_every=histogram_every,
-        update_every=update_every,
-        optimizer=optimizer,
-        scaler=scaler,
-        bins=bins,
-        log_activations=log_activations,
-        strict=strict,
-        health=health,
-        health_via=health_via,
-    )
+    try:
+        watcher = Watcher(
+            model,
+            writer,
+            owns_writer=owns_writer,
+            log=log,
+            every=every,
+            histogram_every=histogram_every,
+            update_every=update_every,
+            optimizer=optimizer,
+            scaler=scaler,
+            bins=bins,
+            log_activations=log_activations,
+            strict=strict,
+            health=health,
+            health_via=health_via,
+            step=start,
+        )
+    except BaseException:
+        if owns_writer and writer is not None:
+            writer.close()
+        raise
     _WATCHERS[model] = watcher
     return watcher
 

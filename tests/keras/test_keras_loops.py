@@ -297,3 +297,28 @@ def test_a_deep_copied_watcher_logs_as_the_original(tmp_path) -> None:
     copied = copy.deepcopy([watcher])[0]  # as keras-tuner copies callbacks
     model.fit(X, Y, batch_size=32, epochs=1, verbose=0, callbacks=[copied])
     assert sorted(scalars(read_events(str(tmp_path)), GLOBAL_NORM)) == list(range(8))
+
+
+def test_a_sparse_embedding_gradient_is_reduced_as_its_dense_gradient(tmp_path) -> None:
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [keras.Input((6,), dtype="int32"), keras.layers.Embedding(1000, 8, name="embedding"), keras.layers.Dense(1)],
+        name="net",
+    )
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    tokens = np.random.default_rng(0).integers(0, 20, size=(64, 6)).astype("int32")  # repeated rows
+    target = np.random.default_rng(1).normal(size=(64, 6, 1)).astype("float32")
+    with tf.GradientTape() as tape:
+        loss = model.compute_loss(x=tokens[:32], y=target[:32], y_pred=model(tokens[:32], training=True))
+    grad = tape.gradient(loss, model.trainable_variables)[0]
+    assert isinstance(grad, tf.IndexedSlices)
+    dense = tf.convert_to_tensor(grad).numpy()
+    watcher = normlog.keras.watch(model, str(tmp_path), histogram_every=1, strict=True)
+    model.fit(tokens, target, batch_size=32, epochs=1, shuffle=False, verbose=0, callbacks=[watcher])
+    events = read_events(str(tmp_path))
+    assert scalars(events, norm_tag("gradients", "embedding/embeddings"))[0] == pytest.approx(
+        np.linalg.norm(dense), rel=1e-5
+    )
+    value = events.Histograms(histogram_tag("gradients", "embedding/embeddings"))[0].histogram_value
+    core = normlog.histogram(dense)
+    assert (value.num, value.min, value.max) == (core.num, pytest.approx(core.min), pytest.approx(core.max))

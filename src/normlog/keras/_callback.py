@@ -24,7 +24,7 @@ import tensorflow as tf
 from normlog._step import LOSS_SCALE, SKIPPED_STEP, Group, Recorder, Updates
 from normlog._watching import Guard, check_options
 from normlog.health import Finding, Monitor, Thresholds
-from normlog.keras._graph import State, in_order, variable_names
+from normlog.keras._graph import State, in_order, reduce_tensors, variable_names
 from normlog.writer import Writer
 
 __all__ = ["Watcher", "find_optimizers", "make_watcher"]
@@ -224,7 +224,8 @@ class Watcher(keras.callbacks.Callback):  # type: ignore[misc]
         step = slot.step.read_value()
         # The optimizer divides by its loss scale after this point: undo it here too.
         scale = tf.cast(optimizer.scale_loss(tf.constant(1.0)), tf.float64)
-        grads = [tf.convert_to_tensor(g) for g, _ in pairs]
+        # sparse gradients (an Embedding's) stay sparse for the norms; densified only when stashed
+        grads = [g if isinstance(g, tf.IndexedSlices) else tf.convert_to_tensor(g) for g, _ in pairs]
 
         def weights() -> list[tf.Tensor]:
             return [tf.convert_to_tensor(v) for v in state.variables]
@@ -235,15 +236,8 @@ class Watcher(keras.callbacks.Callback):  # type: ignore[misc]
                 if not wanted:
                     fields += [tf.zeros([len(state.variables)], tf.float64)] * 2
                     continue
-                tensors = tensors if tensors is not None else weights()
-                norms, nonfinite = [], []
-                for group in state.fused:
-                    ids = group.ids()
-                    flat = group.flatten([tensors[p] for p in group.positions])
-                    sums = group.sums_of_squares(flat, ids)
-                    norms.append(tf.cast(tf.sqrt(sums), tf.float64))
-                    nonfinite.append(group.nonfinite(flat, ids, sums))
-                fields += [in_order(state.fused, norms), in_order(state.fused, nonfinite)]
+                norms, nonfinite = reduce_tensors(state.fused, tensors if tensors is not None else weights())
+                fields += [norms, nonfinite]
             fields[0] = fields[0] / scale
             return tf.concat(fields, 0)
 

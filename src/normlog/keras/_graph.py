@@ -93,7 +93,7 @@ class Fused:
 
     def flatten(self, tensors: list[Any]) -> tf.Tensor:
         """One vector of `tensors` (this group's, in order) in the compute dtype."""
-        parts = [tf.reshape(tf.cast(t, self.dtype), [-1]) for t in tensors]
+        parts = [tf.reshape(tf.cast(tf.convert_to_tensor(t), self.dtype), [-1]) for t in tensors]
         return parts[0] if len(parts) == 1 else tf.concat(parts, 0)
 
     def sums_of_squares(self, flat: tf.Tensor, ids: tf.Tensor) -> tf.Tensor:
@@ -123,11 +123,52 @@ def fuse(variables: list[Any]) -> list[Fused]:
 
 def in_order(fused: list[Fused], per_group: list[tf.Tensor]) -> tf.Tensor:
     """Per-tensor values given group by group, back in the watched variables' order."""
-    order = [p for group in fused for p in group.positions]
-    joined = per_group[0] if len(per_group) == 1 else tf.concat(per_group, 0)
+    return gather_positions([(group.positions, values) for group, values in zip(fused, per_group)])
+
+
+def gather_positions(parts: list[tuple[list[int], tf.Tensor]]) -> tf.Tensor:
+    """One vector in the watched variables' order from parts holding the values of the
+    variables at `positions`, in that order."""
+    order = [p for positions, _ in parts for p in positions]
+    values = [v for _, v in parts]
+    joined = values[0] if len(values) == 1 else tf.concat(values, 0)
     if order == sorted(order):
         return joined
     return tf.gather(joined, np.argsort(order).astype(np.int32))
+
+
+def sparse_values(grad: tf.IndexedSlices) -> tf.Tensor:
+    """The nonzero rows of a sparse gradient as the dense gradient holds them: rows of a
+    repeated index summed, as densifying sums them, without building the dense tensor."""
+    unique, position = tf.unique(grad.indices)
+    return tf.math.unsorted_segment_sum(grad.values, position, tf.size(unique))
+
+
+def reduce_tensors(fused: list[Fused], tensors: list[Any]) -> tuple[tf.Tensor, tf.Tensor]:
+    """L2 norms (float64) and NaN/Inf counts of `tensors`, in order: the dense ones of a
+    compute dtype in one fused reduction, each sparse gradient (`tf.IndexedSlices`) from its
+    rows alone."""
+    norms, counts = [], []
+    for group in fused:
+        dense = [
+            (p, shape)
+            for p, shape in zip(group.positions, group.shapes)
+            if not isinstance(tensors[p], tf.IndexedSlices)
+        ]
+        if dense:
+            part = group if len(dense) == len(group.positions) else Fused(group.dtype, *map(list, zip(*dense)))
+            ids = part.ids()
+            flat = part.flatten([tensors[p] for p in part.positions])
+            sums = part.sums_of_squares(flat, ids)
+            norms.append((part.positions, tf.cast(tf.sqrt(sums), tf.float64)))
+            counts.append((part.positions, part.nonfinite(flat, ids, sums)))
+        for p in group.positions:
+            if isinstance(tensors[p], tf.IndexedSlices):
+                rows = tf.cast(sparse_values(tensors[p]), group.dtype)
+                norms.append(([p], tf.reshape(tf.cast(tf.norm(rows), tf.float64), [1])))
+                bad = tf.reduce_sum(tf.cast(tf.logical_not(tf.math.is_finite(rows)), tf.float64))
+                counts.append(([p], tf.reshape(bad, [1])))
+    return gather_positions(norms), gather_positions(counts)
 
 
 def variable_names(variables: list[Any], model_name: str) -> list[str]:

@@ -9,13 +9,20 @@ of two (`_rows.range_scale`). float32 and
 float64 arrays only; each kernel is compiled once per dtype and cached on disk. All the
 arrays of a call are cut into blocks of `_BLOCK` values; the threads take whole blocks, and
 each block's counts and sums are added up in block order, so a row does not depend on how
-many threads there are.
+many threads there are. That lets `Threads` pick each call's thread count from what it
+measures: on a machine whose cores are busy with other work, a fork-join over numba's
+threads waits for the one the scheduler left out, so such calls run serial.
 """
 
 from __future__ import annotations
 
+import math
+import os
+import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numba
@@ -26,7 +33,7 @@ from numba.np.numpy_support import carray
 
 from normlog import _rows
 
-__all__ = ["rows"]
+__all__ = ["Threads", "rows", "usable_cores"]
 
 _BLOCK = 65536  # values per unit of work for a thread: ~230 of them in a 15M-value step
 _CHUNK = 2048  # values per inner loop: the bucket buffer stays in the L1 cache
@@ -149,13 +156,13 @@ def _fill(
             q = (x * scale - low) * inverse
             bucket = np.floor(q)  # a float (math.floor's int64 would not vectorize)
             redo |= (q - bucket < near) | (q - bucket > 1.0 - near) | (not abs(x) < np.inf)
-            where[j] = min(max(np.int32(min(bucket, top)), 0), bins - 1)  # type: ignore[assignment]
+            where[j] = min(max(np.int32(min(bucket, top)), 0), bins - 1)
         if redo:
             for j in range(chunk.size):
                 x = np.float64(chunk[j])
                 if abs(x) < np.inf:
                     bucket = np.floor((x * scale - low) / width)
-                    where[j] = min(max(np.int32(min(bucket, top)), 0), bins - 1)  # type: ignore[assignment]
+                    where[j] = min(max(np.int32(min(bucket, top)), 0), bins - 1)
                 else:
                     where[j] = bins
         whole = chunk.size // 4 * 4
@@ -197,17 +204,147 @@ def _fill_blocks(
             sums[i, 0], sums[i, 1] = _fill(values, low[a], width[a], scale[a], finite[a], counts[i])
 
 
-def rows(arrays: Sequence[np.ndarray], bins: int) -> np.ndarray:
-    """The rows of float32 and float64 arrays, one per array (see the module's rules)."""
+def rows(arrays: Sequence[np.ndarray], bins: int, threads: int | None = None) -> np.ndarray:
+    """The rows of float32 and float64 arrays, one per array (see the module's rules), on
+    `threads` of numba's threads, or on as many as `Threads.shared()` picks for the call."""
     out = np.zeros((len(arrays), _rows.width(bins)))
     flat = [np.ascontiguousarray(a).reshape(-1) for a in arrays]  # held until the kernels are done
     if any(a.dtype not in _KEYS for a in flat):
         raise TypeError(f"rows of float32 and float64 arrays only; got {sorted({str(a.dtype) for a in flat})}")
+    chooser = Threads.shared()
     for dtype in _KEYS:
         group = [i for i, a in enumerate(flat) if a.dtype == dtype]
         if group:
-            out[group] = _rows_of_one_dtype([flat[i] for i in group], bins)
+            blocks = _Blocks.of([flat[i] for i in group])
+            count = chooser.choose(blocks.array.size) if threads is None else threads
+            start = time.perf_counter()
+            out[group] = _rows_of_one_dtype(blocks, bins, count)
+            if threads is None:
+                seconds = time.perf_counter() - start
+                chooser.record(dtype, count, blocks.array.size, sum(flat[i].size for i in group), seconds)
     return out
+
+
+# Probing the thread count not in use: after _PROBE_FIRST calls, then after twice as many
+# each time the probe confirms the choice, up to _PROBE_MOST. A probe that loses costs one
+# call's kernel time (3x the serial time, measured under contention on 2 cores), so at the
+# longest interval it adds a few percent to the kernel, which is itself a small part of a step.
+_PROBE_FIRST, _PROBE_MOST = 4, 64
+_MARGIN = 0.9  # the other choice must be 10% cheaper per value to win: noise does not flip it
+
+
+class Threads:
+    """How many of numba's threads each call gets: serial or parallel, whichever costs less
+    per value as measured on the calls themselves, trying the other now and then.
+
+    Parallel means min(`most`, blocks) threads, `most` being numba's thread count capped at
+    the cores this process may use (`usable_cores`). An idle machine favours parallel; a
+    busy one (DataLoader workers, a second job) makes each fork-join wait for a thread the
+    scheduler left out, and serial wins. The count never changes a row (see the module).
+    Calls from several threads share one `Threads`; numba's own count is per thread, and is
+    set and restored around each kernel call. `fixed`, when set, is every call's count.
+    """
+
+    _shared: Threads | None = None
+    _shared_lock = threading.Lock()
+
+    def __init__(self, most: int) -> None:
+        self.most = max(1, most)
+        self.cost: dict[bool, float] = {}  # parallel or not -> seconds per value, smoothed
+        self.parallel = True
+        self.interval = self.countdown = _PROBE_FIRST
+        self.fixed: int | None = None
+        self._warm: set[np.dtype] = set()
+        self._lock = threading.Lock()
+
+    @classmethod
+    def shared(cls) -> Threads:
+        """The process's `Threads`, made on first use, once numba's threads are launched."""
+        with cls._shared_lock:
+            if cls._shared is None:
+                _launch_numba_threads()
+                cls._shared = cls(min(numba.config.NUMBA_NUM_THREADS, usable_cores()))  # type: ignore[attr-defined]
+            return cls._shared
+
+    def choose(self, blocks: int) -> int:
+        """The thread count for a call over `blocks` blocks."""
+        if self.fixed is not None:
+            return self.fixed
+        most = min(self.most, blocks)
+        if most < 2:
+            return 1
+        with self._lock:
+            if len(self.cost) < 2:  # measure both, parallel first
+                parallel = True not in self.cost
+            else:
+                parallel = self.parallel if self.countdown > 0 else not self.parallel
+        return most if parallel else 1
+
+    def record(self, dtype: np.dtype, threads: int, blocks: int, values: int, seconds: float) -> None:
+        """What a call with `threads` threads over `blocks` blocks of `values` values took.
+        The first call of a dtype loads its kernels and is not counted; nor is a call that
+        had no choice (`choose` gave it one thread whatever was measured)."""
+        if dtype not in self._warm:
+            self._warm.add(dtype)
+            return
+        if min(self.most, blocks) < 2 or self.fixed is not None:
+            return
+        parallel, per_value = threads > 1, seconds / values
+        with self._lock:
+            current = parallel == self.parallel
+            old = self.cost.get(parallel)
+            # the choice in use is smoothed; a probe's one sample replaces its stale figure
+            self.cost[parallel] = per_value if old is None or not current else (old + per_value) / 2
+            if len(self.cost) < 2:
+                return
+            other = self.cost[not self.parallel]
+            better = other < _MARGIN * self.cost[self.parallel]
+            if current and not better:
+                self.countdown = max(self.countdown - 1, 0)
+            elif current or better:  # the choice in use got dearer, or a probe won: switch
+                self.parallel = not self.parallel
+                self.interval = self.countdown = _PROBE_FIRST
+            else:  # a probe lost: wait longer before the next
+                self.interval = self.countdown = min(2 * self.interval, _PROBE_MOST)
+
+
+def _launch_numba_threads() -> None:
+    """Start numba's threading layer on a thread of its own. Its OpenMP layer starts by
+    calling omp_set_num_threads on the thread that launches it, and with torch loaded that
+    is torch's OpenMP: on the training thread it reset a `torch.set_num_threads(1)` to all
+    cores (measured: 57 ms steps became 1,000 ms on a busy 2-core machine). OpenMP keeps
+    that setting per thread, so a short-lived thread takes it away with it."""
+    launcher = threading.Thread(target=numba.get_num_threads, name="normlog-numba-launch", daemon=True)
+    launcher.start()
+    launcher.join()
+
+
+def usable_cores() -> int:
+    """The cores this process may run on: its affinity mask, capped by a cgroup CPU quota
+    (a container's --cpus), both of which os.cpu_count() and numba's default ignore."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        cores = os.cpu_count() or 1
+    quota = cgroup_cpu_quota(Path("/sys/fs/cgroup"))
+    return max(1, min(cores, quota)) if quota is not None else cores
+
+
+def cgroup_cpu_quota(root: Path) -> int | None:
+    """The CPU quota under the cgroup mount `root`, rounded up to whole cores, or None
+    where there is none: cgroup v2's cpu.max ("quota period", or "max ..."), else v1's
+    cpu.cfs_quota_us and cpu.cfs_period_us (-1: none)."""
+    try:
+        if (root / "cpu.max").exists():
+            quota, period = (root / "cpu.max").read_text().split()[:2]
+        else:
+            quota = (root / "cpu" / "cpu.cfs_quota_us").read_text().strip()
+            period = (root / "cpu" / "cpu.cfs_period_us").read_text().strip()
+        if quota in ("max", "-1"):
+            return None
+        return max(1, math.ceil(int(quota) / int(period)))
+    except (OSError, ValueError, ZeroDivisionError):
+        return None
 
 
 @dataclass(frozen=True)
@@ -216,7 +353,7 @@ class _Blocks:
     values[start[i]:stop[i]] of the array at addresses[array[i]]. `first` holds each
     nonempty array's first block; a pass's results per array are over the nonempty ones."""
 
-    like: np.ndarray  # one of the arrays: the dtype of them all
+    arrays: list[np.ndarray]  # held, with their memory, until the kernels are done
     addresses: np.ndarray
     array: np.ndarray
     start: np.ndarray
@@ -224,8 +361,13 @@ class _Blocks:
     first: np.ndarray
     nonempty: np.ndarray
 
+    @property
+    def like(self) -> np.ndarray:
+        """One of the arrays: the dtype of them all."""
+        return self.arrays[0]
+
     @classmethod
-    def of(cls, arrays: Sequence[np.ndarray]) -> _Blocks:
+    def of(cls, arrays: list[np.ndarray]) -> _Blocks:
         sizes = np.array([a.size for a in arrays], dtype=np.int64)
         per_array = -(-sizes // _BLOCK)
         array = np.repeat(np.arange(len(arrays)), per_array)
@@ -233,7 +375,7 @@ class _Blocks:
         start = (np.arange(array.size) - first[array]) * _BLOCK
         stop = np.minimum(start + _BLOCK, sizes[array])
         addresses = np.array([a.ctypes.data for a in arrays], dtype=np.int64)
-        return cls(arrays[0], addresses, array, start, stop, first[per_array > 0], per_array > 0)
+        return cls(arrays, addresses, array, start, stop, first[per_array > 0], per_array > 0)
 
     def bounds(self) -> np.ndarray:
         """The first pass: each array's least and greatest value, NaN where it holds NaN."""
@@ -258,11 +400,21 @@ class _Blocks:
         return np.add.reduceat(counts, self.first), np.add.reduceat(sums, self.first)
 
 
-def _rows_of_one_dtype(arrays: list[np.ndarray], bins: int) -> np.ndarray:
+def _rows_of_one_dtype(blocks: _Blocks, bins: int, threads: int) -> np.ndarray:
+    arrays = blocks.arrays
     out = np.zeros((len(arrays), _rows.width(bins)))
-    blocks = _Blocks.of(arrays)
     if not blocks.array.size:
         return out
+    previous = numba.get_num_threads()
+    numba.set_num_threads(threads)
+    try:
+        return _fill_rows(blocks, bins, out)
+    finally:
+        numba.set_num_threads(previous)
+
+
+def _fill_rows(blocks: _Blocks, bins: int, out: np.ndarray) -> np.ndarray:
+    arrays = blocks.arrays
     lo, hi = np.zeros((2, len(arrays)))
     lo[blocks.nonempty], hi[blocks.nonempty] = blocks.bounds()
     finite = np.isfinite(lo) & np.isfinite(hi)

@@ -131,11 +131,10 @@ class Watcher(keras.callbacks.Callback):  # type: ignore[misc]
 
     @property
     def step(self) -> int:
-        """Optimizer updates seen so far by the main optimizer (the next step's index)."""
-        slot = self._slots.get(_PRIMARY)
-        if slot is None or slot.step is None:
-            return 0 if self._first_step is None else self._first_step
-        return int(slot.step.numpy())
+        """The next step's index: updates seen so far by the most advanced watched optimizer,
+        counted from the first step (`step=`, or the optimizer's `iterations` when watched)."""
+        steps = [int(s.step.numpy()) if s.step is not None else s.first_step for s in self._slots.values()]
+        return max(steps, default=0 if self._first_step is None else self._first_step)
 
     # -- installing ------------------------------------------------------------------
 
@@ -215,10 +214,12 @@ class Watcher(keras.callbacks.Callback):  # type: ignore[misc]
 
     # -- inside the (traced) train step -----------------------------------------------
 
-    def _before_apply(self, slot: _Slot, optimizer: Any, grads: list[Any], variables: list[Any]) -> _Pending:
+    def _before_apply(self, slot: _Slot, optimizer: Any, grads: list[Any], variables: list[Any]) -> _Pending | None:
         """Statistics of this step's gradients and (pre-update) weights, as graph tensors,
         on the steps they are due; the due histogram step's tensors are stashed."""
         pairs = [(g, v) for g, v in zip(grads, variables) if g is not None]
+        if not pairs:  # nothing to log (Keras raises itself where that is an error)
+            return None
         state = self._ensure_state(slot, [v for _, v in pairs])
         assert slot.step is not None
         step = slot.step.read_value()
@@ -381,7 +382,8 @@ class Watcher(keras.callbacks.Callback):  # type: ignore[misc]
             if step is not None:
                 slot.step.assign(step)
             pending = self._before_apply(slot, _Unscaled(), grads, variables)
-            self._after_apply(pending, measure_update=False)
+            if pending is not None:
+                self._after_apply(pending, measure_update=False)
             self.write_pending()
 
         self._guard.safely(record)

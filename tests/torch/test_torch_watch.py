@@ -369,11 +369,15 @@ def test_strict_raises_instead(tmp_path) -> None:
     model = make_model()
     watcher = normlog.watch(model, str(tmp_path), strict=True)
     watcher.writer.close()
+
+    def backward(step: int) -> None:
+        model.zero_grad()
+        x, y = batch(step)
+        nn.functional.mse_loss(model(x), y).backward()
+
+    backward(0)
     with pytest.raises(ValueError, match="closed"):  # at the step's writing: the second pass starts it
-        for step in range(2):
-            model.zero_grad()
-            x, y = batch(step)
-            nn.functional.mse_loss(model(x), y).backward()
+        backward(1)
 
 
 def test_log_activations_records_leaf_module_outputs(tmp_path) -> None:

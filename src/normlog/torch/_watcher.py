@@ -112,6 +112,19 @@ class _ActivationHook:
         return _InertHook()
 
 
+class _GradHook:
+    """A parameter's post-accumulate-grad hook. It holds its watcher weakly: torch keeps a
+    tensor's hooks from C++, where the garbage collector cannot see a cycle back to them."""
+
+    def __init__(self, watcher: Watcher) -> None:
+        self._watcher = weakref.ref(watcher)
+
+    def __call__(self, param: torch.Tensor) -> None:
+        watcher = self._watcher()
+        if watcher is not None:
+            watcher._on_grad_accumulated(param)
+
+
 def _release(background: Background, writer: Writer | None) -> None:
     """A watcher's clean-up, run by `unwatch` or when the watcher is collected: its thread
     stops and the Writer it made closes, so dropped watchers leak no thread or descriptor."""
@@ -243,7 +256,7 @@ class Watcher:
             return  # FSDP2's sharded gradients arrive before optimizer.step(), never through these hooks
         for _, param in params:
             if param.requires_grad and id(param) not in self._grad_hooks:
-                hook = param.register_post_accumulate_grad_hook(self._on_grad_accumulated)  # type: ignore[no-untyped-call]
+                hook = param.register_post_accumulate_grad_hook(_GradHook(self))  # type: ignore[no-untyped-call]
                 self._grad_hooks[id(param)] = hook
 
     def _refresh(self) -> None:
@@ -350,7 +363,7 @@ class Watcher:
         if self._log_parameters and self._due(self._update_every):
             # A copy of every weight: the reason update ratios have their own, sparser cadence.
             with torch.no_grad():
-                trainable = [(n, p) for n, p in self._params if id(p) in self._trainable]
+                trainable = [(n, p) for n, p in self._params if p.requires_grad]
                 self._before = [(n, p, local(p.detach())[0].clone()) for n, p in trainable]
 
     def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -437,8 +450,7 @@ class Watcher:
         groups: list[tuple[Kind, list[str], list[torch.Tensor]]] = []
         # a frozen parameter's gradient is left out whatever its stale .grad holds: it is
         # never dead or stalled; its weight is still logged
-        trainable = self._trainable
-        with_grad = [(name, p) for name, p in self._params if p.grad is not None and id(p) in trainable]
+        with_grad = [(name, p) for name, p in self._params if p.grad is not None and p.requires_grad]
         if self._log_gradients:
             grads = [dense(p.grad) for _, p in with_grad]  # type: ignore[arg-type]
             groups.append(("gradients", [n for n, _ in with_grad], grads))

@@ -14,8 +14,14 @@ compiled CRC32C) against TensorBoard's TF-free reader (`RawEventFileLoader` with
 TensorFlow, whose CRC32C is pure Python), which `normlog report` used before. It prints a
 table; nothing here asserts a time: the numbers go into the README by hand.
 
+With `--plot-runs N` it also writes N small runs (8 tensors, 50 steps) and times
+`normlog plot` on them in a subprocess: paged (12 runs per image, the default) and on one
+image (`--runs-per-image N`, as `plot` drew before), with the largest image's pixels and
+the peak resident memory of the subprocess.
+
     python benchmarks/bench_report.py
     python benchmarks/bench_report.py --megabytes 300 --tags 50000
+    python benchmarks/bench_report.py --plot-runs 250
 """
 
 from __future__ import annotations
@@ -59,8 +65,12 @@ def write_big_file(logdir: str, megabytes: float) -> int:
 
 
 def records_seconds(path: str) -> float:
-    """CPU seconds to read every record of `path` with normlog's reader."""
-    from normlog._eventreader import records
+    """CPU seconds to read every record of `path` with normlog's reader, or NaN in a normlog
+    older than it (to run this script against an older checkout)."""
+    try:
+        from normlog._eventreader import records
+    except ImportError:
+        return math.nan
 
     problems: list[str] = []
     start = time.process_time()
@@ -96,6 +106,47 @@ def write_many_tags(logdir: str, tags: int) -> None:
             writer.add_record(step, scalars)
 
 
+def write_small_runs(logdir: str, runs: int) -> None:
+    names = [f"layer{i}.weight" for i in range(8)]
+    for run in range(runs):
+        with normlog.Writer(os.path.join(logdir, f"run{run:05d}")) as writer:
+            for step in range(50):
+                scalars = [
+                    (_step.norm_tag("gradients", n), (1.0 + run) / (1 + i) / (1 + step)) for i, n in enumerate(names)
+                ]
+                writer.add_record(step, scalars)
+
+
+def timed_plot(logdir: str, output: str, *options: str) -> tuple[float, int, str, float]:
+    """`normlog plot` in a fresh interpreter: wall seconds, images, largest image (WxH), and
+    the subprocess's peak resident memory in MB."""
+    import glob
+    import struct
+    import subprocess
+
+    code = (
+        "import resource, sys; from normlog.report import main; code = main(sys.argv[1:]); "
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(code)"
+    )
+    start = time.perf_counter()
+    process = subprocess.run(
+        [sys.executable, "-c", code, "plot", logdir, "-o", output, "--max-images", "100000", *options],
+        capture_output=True,
+        text=True,
+    )
+    seconds = time.perf_counter() - start
+    assert process.returncode == 0, process.stderr
+    peak_mb = int(process.stdout.split()[-1]) / 1024  # Linux: KiB
+    stem = os.path.splitext(output)[0]
+    sizes = []
+    for path in glob.glob(stem + "*.png"):
+        with open(path, "rb") as file:
+            sizes.append(struct.unpack(">II", file.read(24)[16:24]))
+        os.remove(path)
+    width, height = max(sizes, key=lambda size: size[0] * size[1])
+    return seconds, len(sizes), f"{width}x{height}", peak_mb
+
+
 def directory_bytes(directory: str) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(directory) for f in files)
 
@@ -118,9 +169,11 @@ def main() -> None:
     parser.add_argument("--megabytes", type=float, default=30.0)
     parser.add_argument("--tags", type=int, default=50_000)
     parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--plot-runs", type=int, default=0, help="also time `normlog plot` on this many runs")
     args = parser.parse_args()
     print(f"python {sys.version.split()[0]}, normlog {normlog.__version__}")
     rows = []
+    plots: list[tuple[str, float, int, str, float]] = []
     with tempfile.TemporaryDirectory() as root:
         big = os.path.join(root, "big", "run")
         steps = write_big_file(big, args.megabytes)
@@ -142,10 +195,22 @@ def main() -> None:
         rows.append(
             ("many tags", f"{args.tags} tags, 2 steps, {size:.1f} MB", wall, cpu, f"{args.tags / cpu:,.0f} tags/s")
         )
+        if args.plot_runs:
+            logdir, output = os.path.join(root, "runs"), os.path.join(root, "plot.png")
+            write_small_runs(logdir, args.plot_runs)
+            for label, options in (("paged", ()), ("one image", ("--runs-per-image", str(args.plot_runs)))):
+                seconds, images, largest, peak = timed_plot(logdir, output, *options)
+                plots.append((label, seconds, images, largest, peak))
     print(f"{'log':<10}  {'what':<34}  {'wall':>8}  {'CPU':>8}  rate (per CPU second)")
     for name, what, wall, cpu, rate in rows:
         wall_text = "-" if math.isnan(wall) else f"{wall:.2f}s"
         print(f"{name:<10}  {what:<34}  {wall_text:>8}  {cpu:>7.2f}s  {rate}")
+
+    if plots:
+        print(f"\nnormlog plot, {args.plot_runs} runs of 8 tensors x 50 steps")
+        print(f"{'layout':<10}  {'wall':>8}  {'images':>6}  {'largest image':>15}  peak memory")
+        for label, seconds, images, largest, peak in plots:
+            print(f"{label:<10}  {seconds:>7.1f}s  {images:>6}  {largest:>15}  {peak:.0f} MB")
 
 
 if __name__ == "__main__":

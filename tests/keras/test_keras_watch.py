@@ -256,18 +256,23 @@ def test_other_keras_backends_get_a_clear_error() -> None:
     requires("torch")
     script = textwrap.dedent(
         """
+        import os, sys, tempfile
         import keras, normlog.keras
         model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+        logdir = os.path.join(tempfile.mkdtemp(), "logs")
         try:
-            normlog.keras.watch(model)
+            normlog.keras.watch(model, logdir)
         except RuntimeError as error:
             print(error)
+        print("tensorflow imported:", "tensorflow" in sys.modules, "logdir made:", os.path.exists(logdir))
         """
     )
     env = {**os.environ, "KERAS_BACKEND": "torch"}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert "supports Keras 3 with the TensorFlow backend" in result.stdout, result.stdout + result.stderr
     assert "'torch'" in result.stdout
+    # normlog.keras needs TensorFlow only for the TensorFlow backend, and refuses before any file
+    assert "tensorflow imported: False logdir made: False" in result.stdout
 
 
 def test_a_trainable_layer_outside_the_forward_pass_is_skipped(tmp_path) -> None:

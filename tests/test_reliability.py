@@ -109,12 +109,12 @@ def test_sigterm_closes_the_writer_and_still_ends_the_process(tmp_path) -> None:
 
 def test_sigterm_while_the_main_thread_holds_the_files_lock_still_closes_it(tmp_path) -> None:
     # The handler runs in the main thread between bytecodes, possibly inside add()'s
-    # critical section: closing must not wait on a lock its own thread holds.
+    # critical sections: writing out must not wait on a lock its own thread holds.
     script = (
         "KWARGS = {'flush_secs': 10_000}\n"
         + textwrap.dedent(ADD_100_STEPS)
         + """
-with writer._file._cond:
+with writer._lock, writer._file._sink.lock:
     os.kill(os.getpid(), __import__("signal").SIGTERM)
     time.sleep(600)
 """
@@ -152,8 +152,11 @@ def test_interpreter_exit_without_close_keeps_every_event(tmp_path) -> None:
 
 def test_a_full_disk_warns_training_goes_on_and_logging_resumes(tmp_path) -> None:
     # Guarantee: a write that fails (here the file-size limit, as a full disk would) warns
-    # once, never raises into training, leaves every whole record readable, and logging
-    # resumes when space returns. Python ignores SIGXFSZ, so writes fail with EFBIG.
+    # once, never raises into training, leaves every whole record readable, counts exactly
+    # the events that are missing, and logging resumes when space returns. Python ignores
+    # SIGXFSZ, so writes fail with EFBIG. Each record is written on its own, so the small
+    # ones still fit under the limit after the big ones fail: that is not "working again";
+    # the file growing past the write that failed is.
     script = """
     import resource, warnings
     warnings.simplefilter("always")
@@ -167,13 +170,16 @@ def test_a_full_disk_warns_training_goes_on_and_logging_resumes(tmp_path) -> Non
     trained = 0
     for step in range(20, 120):  # the limit falls somewhere in here
         writer.add_scalar("loss", float(step), step)
+        writer.flush()
         writer.add_histogram("weights", np.arange(step, step + 50.0), step)
         writer.flush()
         trained += 1
     lost = writer.lost_events
-    resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))  # space returns
+    print("SPACE RETURNS", file=sys.stderr, flush=True)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))
     for step in range(120, 130):
         writer.add_scalar("loss", float(step), step)
+        writer.add_histogram("weights", np.arange(step, step + 50.0), step)
     writer.close()
     print("TRAINED", trained, "LOST", lost, "AFTER", writer.lost_events, flush=True)
     """
@@ -182,11 +188,14 @@ def test_a_full_disk_warns_training_goes_on_and_logging_resumes(tmp_path) -> Non
     assert process.returncode == 0, err
     _, trained, _, lost, _, after = out.split()
     assert int(trained) == 100 and int(lost) > 0 and int(after) == int(lost)
-    assert "cannot write to" in err and "File too large" in err
-    assert "writing works again" in err
+    warned = [line for line in err.splitlines() if "RuntimeWarning: normlog:" in line]
+    assert ["cannot write to" in line and "File too large" in line for line in warned] == [True, False], err
+    assert "writing works again" in warned[1] and err.index("SPACE RETURNS") < err.index(warned[1])
     steps = steps_of(str(tmp_path))
+    histograms = read_events(str(tmp_path)).Histograms("weights")
     assert steps[:21] == list(range(21)) and steps[-10:] == list(range(120, 130))
     assert 25 < len(steps) < 130  # some events made it before the limit, the rest were dropped
+    assert int(lost) == (130 - len(steps)) + (110 - len(histograms))  # lost_events counts exactly the missing
     assert len(event_files(str(tmp_path))) == 1
 
 
@@ -196,7 +205,8 @@ def test_a_slow_disk_never_blocks_and_memory_stays_bounded(tmp_path) -> None:
     event_file = EventFile(str(tmp_path), max_pending=10_000)
     proto = __import__("tensorboardX.proto.event_pb2", fromlist=["Event"])
     events = [proto.Event(step=step, file_version="x" * 100) for step in range(1000)]
-    with event_file._cond, pytest.warns(RuntimeWarning, match="behind"):  # hold the thread off, as a hung disk would
+    # hold the thread off, as a hung disk would
+    with event_file._sink.write_lock, pytest.warns(RuntimeWarning, match="behind"):
         list(map(event_file.add, events))
     assert event_file.lost > 900
     event_file.close()
@@ -206,13 +216,13 @@ def test_an_unexpected_error_in_the_writer_thread_warns_and_drops_instead_of_que
     writer = normlog.Writer(tmp_path)
     writer.add_scalar("loss", 1.0, 0)
     writer.flush()
-    monkeypatch.setattr(writer._file, "_write_all", lambda data: 1 / 0)
+    monkeypatch.setattr(writer._file._sink, "write_all", lambda data: 1 / 0)
     with pytest.warns(RuntimeWarning, match="stopped"):  # noqa: PT031 (the thread warns: wait for it)
         writer.add_scalar("loss", 2.0, 1)
-        writer._file._thread.join(timeout=30)
+        writer._file._sink.thread.join(timeout=30)
     for step in range(2, 50):
         writer.add_scalar("loss", 3.0, step)  # no queue grows behind a dead thread
-    assert writer._file._pending_bytes == 0 and writer.lost_events == 49
+    assert writer._file._sink.queue.empty() and writer.lost_events == 49
     writer.flush()
     writer.close()
     assert steps_of(str(tmp_path)) == [0]

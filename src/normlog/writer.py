@@ -4,8 +4,10 @@ Rules: the user-facing methods only. Values become numpy through `_convert`, eve
 statistic comes from `_core`, the bytes from `_proto` (normlog's own encoder; tensorboardX
 is used only for tag cleaning, image layout and text, loaded without torch and never by
 `import normlog`) and the file from `_eventfile`. Each error names the tag. One Writer owns
-one event file, whose name no other Writer can take, and `flush()` means on disk.
-`add_record` is the one entry the adapters and the health rules write through.
+one event file, whose name no other Writer can take, and `flush()` means on disk. Once made,
+a Writer raises only for bad input: lost events are counted and warned about. Tags are
+names, never paths (`_run_directory`). `add_record` is the one entry the adapters and the
+health rules write through.
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterable, Mapping
+import warnings
+import weakref
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
@@ -35,6 +39,9 @@ if TYPE_CHECKING:
 __all__ = ["Writer"]
 
 _T = TypeVar("_T")
+
+# Every Writer, for a fork()ed child to give each a lock of its own.
+_WRITERS: weakref.WeakSet[Writer] = weakref.WeakSet()
 
 
 def _named(tag: str, convert: Callable[[], _T]) -> _T:
@@ -83,6 +90,25 @@ def _walltime(tag: str, walltime: Any) -> float:
     return value
 
 
+def _run_directory(logdir: str, *names: str) -> str:
+    """The run directory add_scalars writes `names` (its main tag, then a key) to: inside
+    `logdir` whatever they hold. '/' nests runs, as in SummaryWriter; empty parts are
+    skipped, '.' and '..' become '_' and '__', and a backslash or NUL becomes '_', so that
+    an absolute path or '..' names a run instead of escaping the logdir."""
+    unsafe = ["\\", "\x00", *([":"] if os.name == "nt" else [])]  # ':' would name a Windows drive
+    parts: list[str] = []
+    for name in names:
+        for character in unsafe:
+            name = name.replace(character, "_")
+        own = ["_" * len(part) if part in (".", "..") else part for part in name.split("/") if part]
+        parts.extend(own or ["_"])
+    return os.path.join(logdir, *parts)
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
 def _image_hwc(image: np.ndarray, dataformats: str) -> np.ndarray:
     if not isinstance(dataformats, str) or not dataformats or set(dataformats.upper()) - set("NCHW"):
         raise ValueError(f"dataformats must be letters of 'NCHW', got {dataformats!r}")
@@ -110,7 +136,10 @@ class Writer:
     With `logdir=None` the run goes to `runs/<date>_<host><comment>`, as in SummaryWriter.
     Events reach the file from a background thread as soon as they are added, and are
     fsynced every `flush_secs` seconds and on `flush()`; nothing here waits for the disk,
-    and a failing disk warns and drops events instead of raising (see `lost_events`).
+    and a failing disk warns and drops events instead of raising (see `lost_events`). A
+    Writer dropped without `close()` is written out and closed. In a fork()ed child the
+    Writer it inherited goes on working: the child's events go to event files of its own
+    (the child's pid in their names) in the same directories.
     """
 
     def __init__(
@@ -131,12 +160,17 @@ class Writer:
             raise ValueError(f"normlog: flush_secs must be a positive number of seconds, got {flush_secs!r}")
         self._suffix = filename_suffix
         self._flush_secs = float(flush_secs)
-        self._lock = threading.Lock()
+        # reentrant: a SIGTERM handler of the user's may close() or add_* while the thread it
+        # interrupted is inside add_*
+        self._lock = threading.RLock()
         self._closed = False
         self._file = self._open_file(
             self.logdir, None if purge_step is None else _step_number("purge_step", purge_step)
         )
         self._scalar_files: dict[str, EventFile] = {}  # add_scalars' runs, by directory
+        self._lost_runs = 0  # add_scalars events whose run could not be made
+        self._runs_failing: int | None = None  # _lost_runs when runs began to fail
+        _WRITERS.add(self)
 
     def _open_file(self, logdir: str, purge_step: int | None = None) -> EventFile:
         try:
@@ -148,7 +182,7 @@ class Writer:
     @property
     def lost_events(self) -> int:
         """Events that could not be written (a full disk, say), across this Writer's files."""
-        return self._file.lost + sum(f.lost for f in self._scalar_files.values())
+        return self._file.lost + sum(f.lost for f in self._scalar_files.values()) + self._lost_runs
 
     # -- scalars -------------------------------------------------------------------
 
@@ -162,7 +196,9 @@ class Writer:
         self, main_tag: str, tag_scalar_dict: Mapping[str, Any], step: int | None = None, walltime: float | None = None
     ) -> None:
         """Several scalars on one chart: each key becomes a run `<logdir>/<main_tag>/<key>`,
-        as in SummaryWriter."""
+        as in SummaryWriter ('/' in either nests runs; nothing in them leads outside the
+        logdir). A run that cannot be made (a full disk) is tried again at its next event;
+        meanwhile its events are counted in `lost_events`, with one warning."""
         main_tag = _check_tag(main_tag)
         if not isinstance(tag_scalar_dict, Mapping):
             raise TypeError(
@@ -173,13 +209,39 @@ class Writer:
             for key, v in tag_scalar_dict.items()
         }
         number, seconds = _step_number(main_tag, step), _walltime(main_tag, walltime)
+        messages: list[str] = []
         with self._lock:
             self._open()
             for key, value in scalars.items():
-                run = os.path.join(self.logdir, main_tag, key)
-                if run not in self._scalar_files:
-                    self._scalar_files[run] = self._open_file(run)
-                self._scalar_files[run].add(encode_event(seconds, number, encode_summary([(main_tag, value)], [])))
+                event_file = self._scalar_file(_run_directory(self.logdir, main_tag, key), messages)
+                if event_file is None:
+                    self._lost_runs += 1
+                else:
+                    event_file.add(encode_event(seconds, number, encode_summary([(main_tag, value)], [])), main_tag)
+        for message in messages:  # outside the lock: a warning hook may log
+            _warn(message)
+
+    def _scalar_file(self, run: str, messages: list[str]) -> EventFile | None:
+        """add_scalars' file for `run`, made at its first event, or None while it cannot be."""
+        event_file = self._scalar_files.get(run)
+        if event_file is not None:
+            return event_file
+        try:
+            event_file = self._open_file(run)
+        except OSError as error:
+            if self._runs_failing is None:  # once per episode
+                self._runs_failing = self._lost_runs
+                cause = error.__cause__ if isinstance(error.__cause__, OSError) else error
+                messages.append(
+                    f"normlog: add_scalars cannot make its run {run!r} ({cause}); training goes on, its events are"
+                    " dropped (see lost_events) until it can"
+                )
+            return None
+        if self._runs_failing is not None:
+            lost, self._runs_failing = self._lost_runs - self._runs_failing, None
+            messages.append(f"normlog: add_scalars can make its runs again; {lost} events were lost while it could not")
+        self._scalar_files[run] = event_file
+        return event_file
 
     def add_norm(self, tag: str, values: Any, step: int | None = None, walltime: float | None = None) -> float:
         """The L2 norm of `values` as a scalar; returns it."""
@@ -335,13 +397,23 @@ class Writer:
         summary = encode_summary(scalars, histograms)
         if rows is not None:
             summary += b"".join(encode_histogram_rows(rows))
-        self._add(encode_event(_walltime(name, walltime), _step_number(name, step), summary))
+        self._add(encode_event(_walltime(name, walltime), _step_number(name, step), summary), name)
 
     def _emit(self, summary: Any, tag: str, step: Any, walltime: Any) -> None:
         """Write a Summary proto (an image's, a text's) as one event."""
-        self._add(encode_event(_walltime(tag, walltime), _step_number(tag, step), summary.SerializeToString()))
+        self._add(encode_event(_walltime(tag, walltime), _step_number(tag, step), summary.SerializeToString()), tag)
 
-    def _add(self, event: bytes) -> None:
+    def _add(self, event: bytes, name: str) -> None:
         with self._lock:
             self._open()
-            self._file.add(event)
+            self._file.add(event, name)
+
+
+def _after_fork_in_child() -> None:
+    # A lock another thread held at the fork stays held in the child, which lacks that thread.
+    for writer in list(_WRITERS):
+        writer._lock = threading.RLock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

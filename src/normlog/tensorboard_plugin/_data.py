@@ -10,11 +10,11 @@ findings are `normlog report --json`'s.
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 import warnings
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -116,17 +116,23 @@ def order_tags(tags: Sequence[str], chart_patterns: Sequence[str] | None) -> lis
     return sorted(tags, key=key)
 
 
-@dataclass
 class RunData:
-    """One run, read: `tensors` in model order grouped by module (the map's rows), `steps`
-    (every logged step, the columns), `series[field][tensor]` the points as read, and the
-    run's `findings` as `health.evaluate` gives them."""
+    """One run, read: `tensors` in model order grouped by module (the map's rows) and `steps`
+    (every logged step, the columns). `matrix` gives the map of one statistic; `findings`
+    (computed on first use, as the health rules cost far more than the map) are what
+    `health.evaluate` finds over the run's steps, built as `normlog report` builds them."""
 
-    tensors: list[str]
-    steps: np.ndarray
-    series: dict[str, dict[str, list[tuple[int, float]]]]
-    findings: list[Finding]
-    values: list[StepValues] = field(repr=False, default_factory=list)
+    def __init__(self, tags: list[tuple[str, str, np.ndarray, np.ndarray]], order: dict[str, int]) -> None:
+        self._tags = tags  # (StepValues field, tensor, steps, values), in the order read
+        self._order = order  # first seen, first: the order the model lists its tensors
+        modules: dict[str, int] = {}
+        for tensor in order:
+            modules.setdefault(module_of(tensor), len(modules))
+        # Grouped by module, each group where its first tensor is, model order within it.
+        self.tensors: list[str] = sorted(order, key=lambda t: modules[module_of(t)])
+        every = [steps for _, _, steps, _ in tags]
+        self.steps: np.ndarray = np.unique(np.concatenate(every)) if every else np.zeros(0, dtype=np.int64)
+        self._findings: list[Finding] | None = None
 
     def matrix(self, statistic: str) -> tuple[np.ndarray, np.ndarray]:
         """(values, present): rows = `tensors`, columns = `steps`; `present` is False where the
@@ -140,63 +146,66 @@ class RunData:
             return ratio, present
         statistic_kind = STATISTICS[statistic]
         assert statistic_kind is not None
-        field_name = _FIELDS[statistic_kind]
+        wanted = _FIELDS[statistic_kind]
+        rows = {tensor: row for row, tensor in enumerate(self.tensors)}
         values = np.zeros((len(self.tensors), len(self.steps)))
         present = np.zeros(values.shape, dtype=bool)
-        column = {int(step): i for i, step in enumerate(self.steps)}
-        for row, tensor in enumerate(self.tensors):
-            points = self.series.get(field_name, {}).get(tensor, ())
-            if points:
-                columns = [column[step] for step, _ in points]
-                values[row, columns] = [value for _, value in points]
-                present[row, columns] = True
+        for field_name, tensor, steps, points in self._tags:
+            if field_name == wanted and tensor in rows:
+                columns = np.searchsorted(self.steps, steps)
+                values[rows[tensor], columns] = points
+                present[rows[tensor], columns] = True
         return values, present
+
+    @property
+    def findings(self) -> list[Finding]:
+        if self._findings is None:
+            self._findings = evaluate(self.step_values())
+        return self._findings
+
+    def step_values(self) -> list[StepValues]:
+        """The run's steps as `normlog report` reads them from the same series."""
+        per_step: dict[int, StepValues] = {}
+        for field_name, tensor, steps, points in self._tags:
+            for step, value in zip(steps.tolist(), points.tolist()):
+                values = per_step.get(step)
+                if values is None:
+                    values = per_step[step] = StepValues(step)
+                if field_name == _GLOBAL:
+                    values.global_norm = value
+                else:
+                    getattr(values, field_name)[tensor] = value
+        ordered = [per_step[s] for s in sorted(per_step)]
+        for values in ordered:  # the model's order, as the adapters logged them
+            values.grad_norms = _in_order(values.grad_norms, self._order)
+            values.weight_norms = _in_order(values.weight_norms, self._order)
+        return ordered
 
 
 def load_run(series: Iterable[tuple[str, Sequence[tuple[int, float]]]]) -> RunData:
     """A run from its scalar series `(tag, [(step, value), ...])`, in the order the tags were
     first logged; tags `parse_tag` does not know are ignored. Steps, tensor order and findings
     follow `normlog report`'s reading of a run."""
-    by_field: dict[str, dict[str, list[tuple[int, float]]]] = {}
-    per_step: dict[int, StepValues] = {}
-    order: dict[str, int] = {}  # first seen, first: the order the model lists its tensors
+    tags: list[tuple[str, str, np.ndarray, np.ndarray]] = []
+    order: dict[str, int] = {}
     for tag, points in series:
         target = classify(tag)
         if target is None:
             continue
         field_name, tensor = target
-        kept = by_field.setdefault(field_name, {}).setdefault(tensor, [])
-        kept.extend((int(step), float(value)) for step, value in points)
-        if field_name in ("grad_norms", "weight_norms"):
+        steps = np.fromiter((step for step, _ in points), dtype=np.int64, count=len(points))
+        values = np.fromiter((value for _, value in points), dtype=np.float64, count=len(points))
+        tags.append((field_name, tensor, steps, values))
+        if field_name in _NORMS:
             order.setdefault(tensor, len(order))
-        for step, value in points:
-            values = per_step.get(int(step))
-            if values is None:
-                values = per_step[int(step)] = StepValues(int(step))
-            if field_name == _GLOBAL:
-                values.global_norm = float(value)
-            else:
-                getattr(values, field_name)[tensor] = float(value)
-    steps = [per_step[s] for s in sorted(per_step)]
-    for values in steps:
-        values.grad_norms = _in_order(values.grad_norms, order)
-        values.weight_norms = _in_order(values.weight_norms, order)
-    modules: dict[str, int] = {}
-    for tensor in order:
-        modules.setdefault(module_of(tensor), len(modules))
-    # Grouped by module, each group where its first tensor is, model order within it
-    # (sorted is stable).
-    tensors = sorted(order, key=lambda t: modules[module_of(t)])
-    return RunData(
-        tensors=tensors,
-        steps=np.array(sorted(per_step), dtype=np.int64),
-        series=by_field,
-        findings=evaluate(steps),
-        values=steps,
-    )
+    return RunData(tags, order)
 
 
 def _in_order(norms: dict[str, float], order: dict[str, int]) -> dict[str, float]:
+    """`norms` in `order`, dropping names not in it; in O(n) when already in order."""
+    places = [order.get(name, -1) for name in norms]
+    if -1 not in places and all(a < b for a, b in itertools.pairwise(places)):
+        return norms
     return {name: norms[name] for name in sorted((n for n in norms if n in order), key=order.__getitem__)}
 
 

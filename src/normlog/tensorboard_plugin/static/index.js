@@ -130,21 +130,37 @@ async function refresh() {
     const maps = await Promise.all(
       state.shown.map((run) => getJson("map", {run, statistic: state.statistic, columns})),
     );
-    const findings = await Promise.all(state.shown.map((run) => getJson("findings", {run})));
     state.shown.forEach((run, i) => {
       const map = maps[i];
       map.values = decode(map.values, Float32Array);
       map.present = decode(map.present, Uint8Array);
       state.maps[run] = map;
-      state.findings[run] = findings[i].findings;
     });
     state.domain = domainOf(state.shown.map((run) => state.maps[run]));
     drawScale();
     drawMaps(width);
+    // The findings come second: the health rules over every step cost more than the map.
+    const pending = state.shown.filter((run) => !(run in state.findings));
+    if (pending.length) {
+      findingsList.replaceChildren(el("li", {class: "nl-none"}, "computing findings…"));
+      const findings = await Promise.all(pending.map((run) => getJson("findings", {run})));
+      pending.forEach((run, i) => { state.findings[run] = findings[i].findings; });
+      redrawMarkers();
+    }
     drawFindings();
     status.textContent = "";
   } catch (error) {
     status.textContent = `could not load: ${error.message}`;
+  }
+}
+
+function redrawMarkers() {
+  for (const run of state.shown) {
+    const section = mapsBox.querySelector(`.nl-map[data-run="${CSS.escape(run)}"]`);
+    if (!section) continue;
+    const cells = section.querySelector(".nl-cells");
+    drawMarkers(section.querySelector(".nl-markers"), run, state.maps[run],
+      Number(cells.dataset.cellWidth), Number(cells.dataset.cellHeight));
   }
 }
 
@@ -250,20 +266,28 @@ function drawMap(run, map, width) {
 function drawMarkers(canvas, run, map, cellW, cellH, highlight = null) {
   const context = canvas.getContext("2d");
   context.clearRect(0, 0, canvas.width, canvas.height);
-  for (const entry of state.findings[run] || []) {
-    if (entry.row === null || !map.spans.length) continue;
-    const x = (columnOf(map.spans, entry.finding.step) + 0.5) * cellW;
-    const y = entry.row * cellH;
+  const triangle = (row, step, fill, edge) => { // pointing down at the cell, edged to show on any colour
+    const x = (columnOf(map.spans, step) + 0.5) * cellW;
+    const y = row * cellH;
     const size = Math.max(4, Math.min(7, cellH - 2));
-    context.beginPath(); // a triangle pointing down at the cell, white edged so it shows on any colour
+    context.beginPath();
     context.moveTo(x - size / 2, y);
     context.lineTo(x + size / 2, y);
     context.lineTo(x, y + size);
     context.closePath();
-    context.fillStyle = entry.origin ? "#ffffff" : "#000000";
-    context.strokeStyle = entry.origin ? "#000000" : "#ffffff";
+    context.fillStyle = fill;
+    context.strokeStyle = edge;
     context.fill();
     context.stroke();
+  };
+  if (!map.spans.length) return;
+  for (const entry of state.findings[run] || []) {
+    // the tensors an episode also covers (Finding.members), then the finding itself on top
+    for (const member of entry.finding.members || []) {
+      const row = map.tensors.indexOf(member.tensor);
+      if (row >= 0) triangle(row, member.step, "#000000", "#ffffff");
+    }
+    if (entry.row !== null) triangle(entry.row, entry.finding.step, entry.origin ? "#ffffff" : "#000000", entry.origin ? "#000000" : "#ffffff");
   }
   if (highlight) {
     context.strokeStyle = "#ff00ff";

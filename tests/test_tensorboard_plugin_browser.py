@@ -226,6 +226,7 @@ def test_two_runs_one_above_the_other_on_one_scale(browser: Any, tmp_path: Any) 
             view.page.close()
     finally:
         server.stop()
+    requires("PIL")  # pillow, which matplotlib (normlog[plot]) installs
     from PIL import Image
 
     pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))

@@ -565,7 +565,7 @@ def _end_process() -> None:
 def _after_fork_in_child() -> None:
     """The child of a fork() has only the thread that forked. Every file starts afresh, and
     SIGTERM is the default again until the child starts writing (most children never do)."""
-    global _SINKS, _sigterm, _ready_pid
+    global _SINKS, _sigterm, _ready_pid, _wakeup
     for sink in list(_EVERY):
         sink.forked()
     _SINKS = set()
@@ -573,10 +573,19 @@ def _after_fork_in_child() -> None:
         # The C-level handler would write the child's signals into the parent's pipe, where
         # the parent's thread would take a child's SIGTERM for its own: the same descriptor
         # numbers get a pipe of the child's own.
-        for end, fresh in zip(_wakeup, os.pipe()):
-            os.dup2(fresh, end, inheritable=False)
-            os.close(fresh)
-        os.set_blocking(_wakeup[1], False)
+        try:
+            for end, fresh in zip(_wakeup, os.pipe()):
+                os.dup2(fresh, end, inheritable=False)
+                os.close(fresh)
+            os.set_blocking(_wakeup[1], False)
+        except OSError:  # no descriptor left: no wakeup descriptor, rather than the parent's
+            try:
+                signal.set_wakeup_fd(-1)
+            except ValueError:
+                pass
+            for end in _wakeup:
+                os.close(end)
+            _wakeup = None
     if _sigterm == "on":
         _sigterm = "off"
         try:

@@ -15,6 +15,7 @@ Both runs go to one logdir, so TensorBoard overlays them: compare
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import os
 
@@ -38,7 +39,7 @@ class MLP(nn.Module):
     def __init__(self, activation: str, hidden: int = 16, depth: int = 10) -> None:
         super().__init__()
         sizes = [2] + [hidden] * depth
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes, sizes[1:]))
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(sizes))
         self.out = nn.Linear(hidden, 1)
         self.activation = torch.tanh if activation == "tanh" else torch.relu
         if activation == "relu":  # tanh keeps PyTorch's default initialisation

@@ -12,7 +12,8 @@ from __future__ import annotations
 import queue
 import threading
 import warnings
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 _T = TypeVar("_T")
 

@@ -80,3 +80,16 @@ def test_the_callback_logs_lightnings_grad_norm_at_lightnings_steps_in_its_run(t
         assert layer == pytest.approx(seen["grad_2.0_norm/net.0.weight"], rel=1e-5)
         assert scalars(events, CLIPPED_GLOBAL_NORM)[step] == pytest.approx(min(seen[TOTAL], 0.5), rel=1e-4)
     assert "train_loss" in events.Tags()["scalars"]
+
+
+def test_the_example_writes_normlogs_charts_beside_train_loss(tmp_path) -> None:
+    import runpy
+    from pathlib import Path
+
+    example = Path(__file__).parents[2] / "examples" / "torch" / "lightning_callback.py"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run = runpy.run_path(str(example))["main"](str(tmp_path))
+    events = read_events(run)
+    assert sorted(scalars(events, GLOBAL_NORM)) == list(range(24))  # 3 epochs of 16 batches, 2 per update
+    assert "train_loss" in events.Tags()["scalars"] and events.Tags()["histograms"]

@@ -61,3 +61,17 @@ def test_global_norm_equals_the_trainers_grad_norm_at_its_steps_in_its_run(tmp_p
         assert sorted(theirs) == sorted(logged)
         for step, norm in theirs.items():
             assert logged[step] == pytest.approx(norm, rel=1e-5)
+
+
+def test_the_example_writes_into_the_trainers_run(tmp_path) -> None:
+    import runpy
+    from pathlib import Path
+
+    example = Path(__file__).parents[2] / "examples" / "torch" / "hf_trainer.py"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run = runpy.run_path(str(example))["main"](str(tmp_path))
+    events = read_events(run)
+    assert sorted(scalars(events, GLOBAL_NORM)) == list(range(1, 17))  # 2 epochs of 8 updates
+    if TENSORBOARD:
+        assert "train/loss" in events.Tags()["scalars"]

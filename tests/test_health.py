@@ -30,9 +30,9 @@ def example(path: str):
 
 
 def rules(findings, rule: str) -> dict[str, int]:
-    """tensor -> step of its first finding of `rule`"""
+    """tensor -> step of its first finding of `rule`, as an episode's origin or member"""
     out: dict[str, int] = {}
-    for finding in findings:
+    for finding in sorted((f for head in findings for f in (head, *head.members)), key=lambda f: f.step):
         if finding.rule == rule:
             out.setdefault(finding.tensor, finding.step)
     return out
@@ -41,13 +41,13 @@ def rules(findings, rule: str) -> dict[str, int]:
 # -- the rules on synthetic norms ---------------------------------------------------------
 
 
-def test_exploding_is_a_jump_over_the_running_median_reported_once() -> None:
+def test_exploding_is_a_jump_over_the_recent_largest_reported_once() -> None:
     steps = [StepValues(s, grad_norms={"w": 1.0 + 0.1 * (s % 3)}) for s in range(30)]
     steps[20].grad_norms["w"] = 50.0
     steps[21].grad_norms["w"] = 60.0
     found = evaluate(steps)
     assert [(f.rule, f.tensor, f.step) for f in found] == [("exploding", "w", 20)]
-    assert "50" in found[0].message and "median" in found[0].message
+    assert "50" in found[0].message and "largest of its last 20" in found[0].message
     assert evaluate(steps, Thresholds(explode_bound=1.15)) != []  # an absolute bound works too
 
 
@@ -63,8 +63,8 @@ def test_dead_stalled_and_diverging() -> None:
     steps = [
         StepValues(
             s,
-            grad_norms={"dead": 0.0, "alive": 1.0},
-            weight_norms={"grows": 1.0 * 1.01**s, "flat": 1.0},
+            grad_norms={"dead": 0.0, "alive": 1.0, "stuck": 0.1, "fine": 0.1},
+            weight_norms={"grows": 1.0 * 1.01**s, "flat": 1.0, "stuck": 1.0, "fine": 1.0},
             update_ratios={"stuck": 1e-8, "fine": 1e-3},
         )
         for s in range(220)
@@ -72,20 +72,84 @@ def test_dead_stalled_and_diverging() -> None:
     found = evaluate(steps)
     assert rules(found, "dead") == {"dead": 9}
     assert rules(found, "stalled") == {"stuck": 2}
-    assert rules(found, "diverging") == {"grows": 200}
+    # 3x its first norm, rising, and not slowing over the last 100 steps
+    assert rules(found, "diverging") == {"grows": 111}
     assert len(found) == 3  # once per episode: no flood
+
+
+def test_what_other_rules_explain_is_not_reported() -> None:
+    steps = [
+        StepValues(
+            s,
+            grad_norms={"zero": 0.0, "tiny": 1e-7, "lr0": 0.1, "last": 0.1},
+            weight_norms={"zero": 1.0, "tiny": 1.0, "lr0": 1.0, "last": 1.0},
+            # an update of zero is explained by a zero gradient, a tiny one by a vanishing
+            # gradient; a tensor the optimizer does not own is never stalled
+            update_ratios={"zero": 0.0, "tiny": 1e-10, "lr0": 0.0, "last": 1e-3},
+            owned={"zero", "tiny", "last"},
+        )
+        for s in range(60)
+    ]
+    found = evaluate(steps)
+    assert [(f.rule, f.tensor) for f in found] == [("dead", "zero"), ("vanishing", "tiny")]
+
+
+def test_a_bias_or_gain_vanishes_only_with_its_matrix() -> None:
+    def step(s: int, matrix: float) -> StepValues:
+        grads = {"norm.weight": 1e-5, "fc.weight": matrix, "fc.bias": 1e-5, "out.weight": 0.1}
+        return StepValues(s, grad_norms=grads, weight_norms=dict.fromkeys(grads, 1.0))
+
+    assert evaluate([step(s, 0.1) for s in range(80)]) == []  # a LayerNorm gain and a bias alone
+    (finding,) = evaluate([step(s, 1e-5) for s in range(80)])
+    assert (finding.rule, finding.tensor) == ("vanishing", "fc.weight")
+    assert [m.tensor for m in finding.members] == ["fc.bias"]  # one episode for the module
 
 
 def test_nonfinite_reports_the_first_step_of_each_episode() -> None:
     steps = [StepValues(s, grad_norms={"g": 1.0}, weight_norms={"w": 1.0}) for s in range(60)]
     steps[5].weight_nonfinite["w"] = 3.0
     steps[6].weight_norms["w"] = math.nan  # a norm that is itself NaN counts too
-    steps[40].grad_nonfinite["g"] = 1.0
+    steps[40].grad_nonfinite["g"] = 1.0  # after w's episode has ended: a new one
     found = evaluate(steps)
     assert [(f.rule, f.tensor, f.step, f.kind) for f in found] == [
         ("nonfinite", "w", 5, "parameters"),
         ("nonfinite", "g", 40, "gradients"),
     ]
+
+
+def nan_step(s: int, grads: dict[str, float], weights: dict[str, float]) -> StepValues:
+    values = StepValues(s, grad_norms=dict(grads), weight_norms=dict(weights))
+    for name, norm in grads.items():
+        if not math.isfinite(norm):
+            values.grad_nonfinite[name] = 1.0
+    for name, norm in weights.items():
+        if not math.isfinite(norm):
+            values.weight_nonfinite[name] = 1.0
+    return values
+
+
+def test_a_nan_gradient_is_one_episode_whose_origin_is_first_in_the_backward_pass() -> None:
+    names = ["0.weight", "0.bias", "2.weight", "2.bias", "4.weight", "4.bias"]
+    nan = math.nan
+    steps = [nan_step(s, dict.fromkeys(names, 1.0), dict.fromkeys(names, 2.0)) for s in range(10)]
+    # a NaN born in layer 2's backward: layer 4's gradients stay finite
+    steps.append(nan_step(10, {**dict.fromkeys(names, nan), "4.weight": 1.0, "4.bias": 1.0}, dict.fromkeys(names, 2.0)))
+    steps += [nan_step(s, dict.fromkeys(names, nan), dict.fromkeys(names, nan)) for s in range(11, 20)]
+    (finding,) = evaluate(steps)
+    assert (finding.rule, finding.tensor, finding.kind, finding.step) == ("nonfinite", "2.bias", "gradients", 10)
+    assert "first in the backward pass" in finding.message and "and 5 more tensors" in finding.message
+    members = {(m.tensor, m.kind, m.step) for m in finding.members}
+    assert ("4.weight", "gradients", 11) in members and ("0.weight", "parameters", 11) in members
+    assert finding.as_dict()["members"][0].keys() == finding.as_dict().keys()  # every member, for tools
+
+
+def test_a_nan_weight_goes_first_before_the_gradients_it_poisons() -> None:
+    names = ["0.weight", "2.weight", "4.weight"]
+    steps = [nan_step(s, dict.fromkeys(names, 1.0), dict.fromkeys(names, 2.0)) for s in range(5)]
+    steps.append(nan_step(5, dict.fromkeys(names, math.nan), {**dict.fromkeys(names, 2.0), "2.weight": math.nan}))
+    (finding,) = evaluate(steps)
+    assert (finding.tensor, finding.kind) == ("2.weight", "parameters")
+    assert "the weight went first" in finding.message
 
 
 def test_an_episode_rearms_only_after_it_has_cleared() -> None:
@@ -108,8 +172,13 @@ def resumable_run(steps: int) -> list[StepValues]:
         run.append(
             StepValues(
                 s,
-                grad_norms={"early": 1e-5 * noise, "late": noise * (30.0 if 110 <= s < 125 else 1.0), "dead": 0.0},
-                weight_norms={"early": 1.0, "late": 1.0, "grows": 1.01**s},
+                grad_norms={
+                    "early": 1e-5 * noise,
+                    "late": noise * (30.0 if 110 <= s < 125 else 1.0),
+                    "dead": 0.0,
+                    "stuck": 0.1,
+                },
+                weight_norms={"early": 1.0, "late": 1.0, "grows": 1.01**s, "stuck": 1.0},
                 update_ratios={"stuck": 1e-8 if s >= 118 else 1e-3, "fine": 1e-3 * noise},
                 grad_nonfinite={"late": 1.0} if s in (115, 130) else {},
                 global_norm=noise,
@@ -126,9 +195,9 @@ def test_a_resumed_monitor_finds_what_one_monitor_finds(codec: str) -> None:
     whole = evaluate(run)
     # what crosses the resume point at step 120: the open vanishing episode of "early", the
     # exploding and nonfinite episodes of "late" (opened at 110 and 115; a second NaN at 130
-    # falls inside the episode), the stalled streak (from 118), the weight window of "grows"
-    # (diverging at 200) and the running medians
-    assert {(f.rule, f.tensor) for f in whole} >= {
+    # falls inside the episode), the stalled streak (from 118, a member of the blow-up's
+    # episode), the weight window of "grows" and the recent norms
+    assert {(f.rule, f.tensor) for head in whole for f in (head, *head.members)} >= {
         ("vanishing", "early"),
         ("exploding", "late"),
         ("nonfinite", "late"),
@@ -195,7 +264,7 @@ def test_report_json_contract_and_fail_on(tmp_path, capsys) -> None:
     assert set(document["runs"]) == {"spiky", "calm"}
     (finding,) = document["runs"]["spiky"]["findings"]
     assert (finding["rule"], finding["tensor"], finding["step"]) == ("exploding", "layer.weight", 25)
-    assert set(finding) == {"rule", "tensor", "step", "message"}
+    assert set(finding) == {"rule", "tensor", "step", "message", "kind", "origin", "members"}
     table = document["runs"]["spiky"]["tensors"]["layer.weight"]
     assert table["grad_norm"] == {"last": 1.0, "median": 1.0, "max": 100.0}
     assert (table["weight_norm"], table["flags"]) == (2.0, ["exploding"])

@@ -241,6 +241,38 @@ def test_a_state_from_another_version_is_refused() -> None:
         Monitor().load_state_dict(state)
 
 
+def benchmark_run(name: str):
+    """One run of the findings benchmark (benchmarks/findings), recorded now with torch."""
+    requires("torch")
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "findings"))
+    try:
+        import bench
+    finally:
+        sys.path.pop(0)
+    return bench.fresh(name)
+
+
+def test_one_nan_from_log0_is_one_episode_from_the_first_tensor_that_turned_nonfinite() -> None:
+    _, values, findings = benchmark_run("nan_from_log0")
+    first = next(v for v in values if v.grad_nonfinite or v.weight_nonfinite)
+    assert first.step == 150 and not first.weight_nonfinite  # the gradient went first
+    # the backward pass meets the last tensor in model order first
+    turned = [name for name in first.grad_norms if name in first.grad_nonfinite]
+    (finding,) = findings
+    assert (finding.rule, finding.step, finding.tensor, finding.kind) == ("nonfinite", 150, turned[-1], "gradients")
+    others = {m.tensor for m in finding.members} - {finding.tensor}
+    assert f"and {len(others)} more tensors" in finding.message
+    assert {m.kind for m in finding.members} == {"gradients", "parameters"}  # weights followed
+
+
+def test_a_dead_relu_layer_is_one_finding_not_three() -> None:
+    _, _, findings = benchmark_run("dead_relu")
+    (finding,) = findings  # not dead, vanishing and stalled, nor one per tensor
+    assert finding.rule == "dead" and finding.tensor == "2.weight"  # the layer whose bias is -10
+    assert {m.tensor for m in finding.members} == {"0.weight", "0.bias", "2.bias", "4.weight"}
+    assert {m.rule for m in finding.members} == {"dead"}
+
+
 # -- report and plot ----------------------------------------------------------------------
 
 

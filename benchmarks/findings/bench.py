@@ -15,6 +15,7 @@ and a cause at or before the finding's step; everything a healthy run finds is f
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import fnmatch
 import hashlib
 import os
@@ -24,6 +25,7 @@ import time
 from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -84,7 +86,11 @@ def steps(name: str, seed: int, names_only: bool = False) -> list[StepValues]:
     """The trace as the StepValues an adapter gives the Monitor; `names_only` leaves out what
     the event files do not hold today (shapes, which tensors the optimizer owns)."""
     with np.load(_path(name, seed)) as npz:
-        trace = {key: npz[key].tolist() for key in npz.files}  # Python floats: fast to index
+        return values_of({key: npz[key].tolist() for key in npz.files}, names_only)
+
+
+def values_of(trace: dict[str, Any], names_only: bool = False) -> list[StepValues]:
+    """A trace's fields (`scenarios.Trace`'s, as nested lists) as StepValues, per step."""
     names = [str(n) for n in trace["names"]]
     owned = {n for n, o in zip(names, trace["owned"]) if o}
     ndims = dict(zip(names, (int(d) for d in trace["ndims"])))
@@ -107,6 +113,25 @@ def steps(name: str, seed: int, names_only: bool = False) -> list[StepValues]:
             values.ndims = ndims
         out.append(values)
     return out
+
+
+def fresh(name: str, seed: int = 0) -> tuple[Score, list[StepValues], list[Finding]]:
+    """Records one run now, without the cache (for tests): its score, steps and findings."""
+    import scenarios
+    import torch
+
+    (scenario,) = [s for s in scenarios.SCENARIOS if s.name == name]
+    torch.manual_seed(seed)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as `record` does
+    try:
+        trace = scenario.run(seed)
+    finally:
+        torch.set_num_threads(threads)
+    fields = {f.name: getattr(trace, f.name) for f in dataclasses.fields(trace)}
+    values = values_of({key: getattr(v, "tolist", lambda v=v: v)() for key, v in fields.items()})
+    findings = evaluate(values)
+    return score(scenario, seed, findings), values, findings
 
 
 def seconds(name: str, seed: int) -> float:

@@ -171,7 +171,7 @@ class _Sink:
                         f"normlog: the event of tag {name!r} is {len(record):,} bytes, more than an event file"
                         f" queues ({self.max_pending:,} bytes); it is dropped (see lost_events)"
                     )
-            elif self.broken is not None:
+            elif self.broken is not None or not self.started():
                 self.dropped += 1
             elif pending + len(record) > self.max_pending:
                 self.dropped += 1
@@ -179,13 +179,24 @@ class _Sink:
                     self.behind = True
                     warning = f"normlog: {self.path!r}: writing is behind by {pending:,} bytes; events dropped"
             else:
-                if self.thread is None:  # a fork()ed child's first event
-                    self.start()
                 self.queued_bytes += len(record)
                 self.queued_events += 1
                 self.queue.put(record)
         if warning:
             _warn(warning)
+
+    def started(self) -> bool:
+        """Whether the thread runs; a fork()ed child starts it at its first event. A child
+        that cannot start a thread (or anything else it needs) drops the event, with a
+        warning, rather than raise into training."""
+        if self.thread is None:
+            try:
+                self.start()
+            except (OSError, RuntimeError) as error:
+                self.broken = error
+                _warn(f"normlog: cannot start writing {self.logdir!r} in this forked child ({error}); events dropped")
+                return False
+        return True
 
     def flush(self, timeout: float | None, sync: bool = True) -> bool:
         thread = self.thread
@@ -378,7 +389,11 @@ class EventFile:
         sink = _Sink(logdir, filename_suffix, float(flush_secs), max_pending)
         sink.open(_header(purge_step))
         _EVERY.add(sink)
-        sink.start()
+        try:
+            sink.start()
+        except RuntimeError:  # no thread to be had
+            sink.end()
+            raise
         self._sink = sink
         self._finalizer = weakref.finalize(self, sink.release)
 
@@ -498,7 +513,10 @@ def _install_sigterm() -> None:
     # also writes the signal's number into the wakeup descriptor at once: a thread reading
     # it writes the files out and ends the process without waiting for the main thread.
     if _wakeup is None:  # (a fork()ed child keeps its parent's descriptor numbers, on a pipe of its own)
-        read_end, write_end = os.pipe()
+        try:
+            read_end, write_end = os.pipe()
+        except OSError:  # no descriptor left: the handler alone then
+            return
         os.set_blocking(write_end, False)
         try:
             previous = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
@@ -519,7 +537,10 @@ def _install_sigterm() -> None:
             _set_default = prototype(("PyOS_setsig", ctypes.pythonapi))
         except (ImportError, AttributeError, OSError):
             pass
-    threading.Thread(target=_watch_wakeup, args=(_wakeup[0],), name="normlog SIGTERM", daemon=True).start()
+    try:
+        threading.Thread(target=_watch_wakeup, args=(_wakeup[0],), name="normlog SIGTERM", daemon=True).start()
+    except RuntimeError:  # no thread to be had: the handler alone then
+        pass
 
 
 def _watch_wakeup(read_end: int) -> None:

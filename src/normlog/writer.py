@@ -228,7 +228,7 @@ class Writer:
             return event_file
         try:
             event_file = self._open_file(run)
-        except OSError as error:
+        except (OSError, RuntimeError) as error:  # RuntimeError: no thread to be had
             if self._runs_failing is None:  # once per episode
                 self._runs_failing = self._lost_runs
                 cause = error.__cause__ if isinstance(error.__cause__, OSError) else error

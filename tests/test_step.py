@@ -4,13 +4,14 @@ with TensorBoard's reader, and the tag scheme that `normlog report` parses."""
 from __future__ import annotations
 
 import math
+import re
 import warnings
 
 import numpy as np
 import pytest
 
 import normlog
-from helpers import read_events, scalars
+from helpers import read_events, requires, scalars
 from normlog import _rows, _step
 from normlog._watching import Guard
 from normlog.health import Monitor
@@ -178,3 +179,161 @@ def test_rows_merge_like_the_core_merges_parts_of_one_tensor() -> None:
     np.testing.assert_array_equal(merged.edges, expected.edges)
     np.testing.assert_array_equal(merged.counts, expected.counts)
     assert merged.sum == pytest.approx(expected.sum, rel=1e-12)
+
+
+# -- what TensorBoard shows at a glance ------------------------------------------------------------
+
+
+def test_a_tensor_with_no_finite_value_writes_no_histogram_but_its_count(tmp_path) -> None:
+    grads = [np.full((2, 3), np.nan), np.array([np.inf, -np.inf]), np.array([1.0, np.nan])]
+    names = ["a.weight", "a.bias", "b.weight"]
+    rows = np.stack([_rows.core_row(g, 5) for g in grads])
+    norms = np.array([normlog.l2_norm(g) for g in grads])
+    with normlog.Writer(tmp_path) as writer, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        recorder(writer, health=False).record(4, [_step.Group("gradients", names, norms, _rows.nonfinite(rows), rows)])
+    events = read_events(str(tmp_path))
+    # torch's count of NaN/Inf, and a histogram only where a value is finite
+    assert events.Tags()["histograms"] == [_step.histogram_tag("gradients", "b.weight")]
+    for name, grad in zip(names, grads, strict=True):
+        assert scalars(events, _step.nonfinite_count_tag("gradients", name))[4] == np.count_nonzero(~np.isfinite(grad))
+
+
+def test_findings_of_a_step_are_one_table_per_rule_origin_first_and_one_count(tmp_path) -> None:
+    names = ["enc.0.weight", "enc.0.bias", "enc.1.weight", "head.weight"]
+    with normlog.Writer(tmp_path) as writer, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        record = recorder(writer)
+        record.record(0, [_step.Group("gradients", names, np.ones(4), np.zeros(4))])
+        grads = np.array([1.0, math.nan, math.nan, math.inf])
+        weights = np.array([math.nan, 1.0, 1.0, 1.0])
+        record.record(
+            1,
+            [
+                _step.Group("gradients", names, grads, np.array([0.0, 2, 5, 1])),
+                _step.Group("parameters", names, weights, np.array([3.0, 0, 0, 0])),
+            ],
+        )
+    assert record.monitor is not None
+    # every finding, and every finding an episode holds as its members (health's grouping)
+    every = [row for f in record.monitor.findings for row in (f, *getattr(f, "members", ()))]
+    assert {f.tensor for f in every} == set(names)
+    assert [str(w.message) for w in caught if "normlog [nonfinite]" in str(w.message)]
+    events = read_events(str(tmp_path))
+    (text,) = events.Tensors(_step.finding_text_tag("nonfinite") + "/text_summary")
+    table = text.tensor_proto.string_val[0].decode()
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "`" in line]
+    # the origin first: enc.0, the first tensor in model order that turned NaN (its weight)
+    assert rows[0].split("`")[1] == "enc.0.weight" and "(origin)" in rows[0] and "weight" in rows[0].split("|")[3]
+    assert sorted(row.split("`")[1] for row in rows) == sorted(f.tensor for f in every)
+    for finding in every:
+        assert finding.message in table
+    assert scalars(events, _step.finding_scalar_tag("nonfinite")) == {1: 4.0}
+    assert not [tag for tag in events.Tags()["scalars"] if tag.startswith("health/nonfinite/")]
+
+
+def test_the_custom_scalars_layout_is_written_once_and_again_when_tensors_appear(tmp_path) -> None:
+    with normlog.Writer(tmp_path) as writer:
+        record = recorder(writer, health=False)
+        for step in range(3):
+            record.record(step, [_step.Group("gradients", NAMES[:2], np.ones(2))])
+        record.record(3, [_step.Group("gradients", NAMES, np.ones(3))], _step.Updates(NAMES, np.ones(3), np.ones(3)))
+        record.record(4, [_step.Group("gradients", NAMES, np.ones(3))])
+    events = read_events(str(tmp_path))
+    layouts = events.Tensors("custom_scalars__config__")
+    assert [event.step for event in layouts] == [0, 3]
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    layout = layout_pb2.Layout.FromString(layouts[-1].tensor_proto.string_val[0])
+    charts = {chart.title: list(chart.multiline.tag) for category in layout.category for chart in category.chart}
+    tags = events.Tags()["scalars"]
+
+    def matched(regexes: list[str]) -> list[str]:
+        return [tag for regex in regexes for tag in tags if re.match(regex, tag)]
+
+    assert matched(charts["grad_norm: weights"]) == [
+        _step.norm_tag("gradients", n) for n in ("layer0.weight", "out.weight")
+    ]
+    assert matched(charts["grad_norm: biases"]) == [_step.norm_tag("gradients", "layer0.bias")]
+    assert matched(charts["update_ratio: weights"]) == [_step.ratio_tag("layer0.weight"), _step.ratio_tag("out.weight")]
+    assert matched(charts[_step.GLOBAL_NORM]) == [_step.GLOBAL_NORM]
+
+
+def test_the_pictures_at_each_histogram_step_and_at_close(tmp_path) -> None:
+    requires("matplotlib")
+    from tests.tensorboard_server import row_bands
+
+    rows = np.stack([_rows.core_row(np.arange(4.0) + i, 5) for i in range(3)])
+    with normlog.Writer(tmp_path) as writer:
+        record = recorder(writer, health=False)
+        for step in range(12):
+            group = _step.Group("gradients", NAMES, 10.0 ** -np.arange(3.0), rows=rows if step % 5 == 0 else None)
+            record.record(step, [group], _step.Updates(NAMES, np.ones(3), np.ones(3)))
+        record.close()
+        record.close()  # a second close draws nothing more
+    events = read_events(str(tmp_path))
+    for statistic in ("grad_norm", "update_ratio"):
+        images = events.Images(_step.image_tag(statistic))
+        assert [image.step for image in images] == [0, 5, 10, 11]
+        assert images[-1].width == 800
+        assert row_bands(images[-1].encoded_image_string) == len(NAMES)
+
+
+def test_without_matplotlib_the_pictures_are_skipped_with_one_warning(tmp_path, monkeypatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    rows = np.stack([_rows.core_row(np.arange(4.0), 5) for _ in range(3)])
+    with normlog.Writer(tmp_path) as writer, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        record = recorder(writer, health=False)
+        for step in range(3):
+            record.record(step, [_step.Group("gradients", NAMES, np.ones(3), rows=rows)])
+        record.close()
+    assert [str(w.message) for w in caught if "matplotlib" in str(w.message)] == [
+        "normlog: the norm-by-depth images need matplotlib (pip install 'normlog[plot]'); skipped"
+    ]
+    events = read_events(str(tmp_path))
+    assert events.Tags()["images"] == [] and len(events.Tags()["histograms"]) == 3
+
+
+def test_report_reads_the_old_and_the_new_scheme_alike(tmp_path) -> None:
+    # the same norms, once as the previous version wrote them and once as the Recorder does
+    from normlog.report import load_runs
+
+    grads = {"layer0.weight": [1.0, 0.5, 2.0], "layer0.bias": [0.1, 0.2, 0.3]}
+    weights = {"layer0.weight": [3.0, 3.1, 3.2], "layer0.bias": [0.0, 0.01, 0.02]}
+    with normlog.Writer(tmp_path / "old") as writer:
+        for step in range(3):
+            for name in grads:  # the previous version's tags, spelled out as it wrote them
+                writer.add_scalar("gradients/" + name + "/norm", grads[name][step], step)
+                writer.add_scalar("parameters/" + name + "/norm", weights[name][step], step)
+                writer.add_scalar("updates/" + name + "/ratio", 0.01, step)
+            writer.add_scalar("gradients/global_norm", math.hypot(*(g[step] for g in grads.values())), step)
+    with normlog.Writer(tmp_path / "new") as writer:
+        record = recorder(writer, health=False)
+        names = list(grads)
+        for step in range(3):
+            record.record(
+                step,
+                [
+                    _step.Group("gradients", names, np.array([grads[n][step] for n in names])),
+                    _step.Group("parameters", names, np.array([weights[n][step] for n in names])),
+                ],
+                _step.Updates(
+                    names,
+                    np.array([weights[n][step] * 0.01 for n in names]),
+                    np.array([weights[n][step] for n in names]),
+                ),
+            )
+    runs, problems = load_runs(str(tmp_path))
+    assert problems == [] and [run.name for run in runs] == ["new", "old"]
+    new, old = runs
+    assert new.tensors == old.tensors == names
+    for got_new, got_old in zip(new.steps, old.steps, strict=True):
+        assert got_new.grad_norms == pytest.approx(got_old.grad_norms)
+        assert got_new.weight_norms == pytest.approx(got_old.weight_norms)
+        assert got_new.global_norm == pytest.approx(got_old.global_norm)
+    assert new.steps[1].update_ratios == pytest.approx({"layer0.weight": 0.01, "layer0.bias": 0.01})
+    assert "layer0.bias" not in new.steps[0].update_ratios  # a zero weight has no ratio

@@ -24,7 +24,9 @@ NONFINITE_COLOR = (0.86, 0.08, 0.24, 1.0)
 ZERO_COLOR = (0.0, 0.0, 0.0, 1.0)
 MISSING_COLOR = (0.92, 0.92, 0.92, 1.0)
 SEPARATED = 80  # up to this many rows, white lines part them (beyond, they would hide the rows)
-WIDTH = 120  # columns drawn; with 12 inches at 100 dpi, ~8 pixels a column
+WIDTH = 120  # columns kept: at 8 inches and 100 dpi, ~5 pixels a column
+# 800 pixels wide: TensorBoard's cards show ~400, so labels and colours still read at half size
+FIGURE_WIDTH = 8.0
 
 
 @dataclass
@@ -153,10 +155,10 @@ def draw_norm_by_depth(panels: Sequence[Panel], label: str = "log10") -> Any:
     from matplotlib.colors import Normalize
     from matplotlib.patches import Patch
 
-    heights = [max(2.0, 0.16 * len(p.names) + 1.2) for p in panels]
+    heights = [max(2.0, 0.17 * len(p.names) + 1.2) for p in panels]
     longest = max((len(name) for p in panels for name in p.names), default=8)
-    figure = figure_class(figsize=(12, sum(heights)), dpi=100)
-    left = min(0.45, 0.012 + 0.0075 * longest)
+    figure = figure_class(figsize=(FIGURE_WIDTH, sum(heights)), dpi=100)
+    left = min(0.45, 0.02 + 0.7 * longest / (FIGURE_WIDTH * 9))  # ~0.7 inch per 9 characters at 8 points
     axes_list = figure.subplots(len(panels), 1, squeeze=False, height_ratios=heights)[:, 0]
     figure.subplots_adjust(left=left, right=0.9, top=1 - 0.5 / sum(heights), bottom=0.45 / sum(heights), hspace=0.55)
     colormap = colormaps["viridis"]
@@ -178,7 +180,7 @@ def draw_norm_by_depth(panels: Sequence[Panel], label: str = "log10") -> Any:
         axes.set_title(panel.title, fontsize=10, loc="left")
         every = max(1, math.ceil(len(panel.names) / 40))  # at most ~40 labels, readable at 8 points
         axes.set_yticks(range(0, len(panel.names), every))
-        axes.set_yticklabels(panel.names[::every], fontsize=7)
+        axes.set_yticklabels(panel.names[::every], fontsize=8)
         columns = len(panel.steps)
         ticks = sorted({round(i * (columns - 1) / 6) for i in range(7)}) if columns else []
         axes.set_xticks(ticks)

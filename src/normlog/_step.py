@@ -67,7 +67,7 @@ KINDS: tuple[Kind, ...] = ("gradients", "parameters", "activations")
 #   update_ratio/<name>                                        ‖Δw‖/‖w‖ (scalar)
 #   nonfinite/grad/<name>  nonfinite/weight/<name>  nonfinite/act/<name>   NaN/Inf counts
 #   grad/<name>  weight/<name>  act/<name>                     histograms
-#   global/grad_norm                                           L2 norm over all gradients
+#   global/grad_norm  global/grad_norm_clipped                 L2 norm over all gradients
 #   health/<rule>  (scalar: tensors flagged)  health/<rule> (text: a table of the findings)
 #   normlog/grad_norm_by_depth  normlog/update_ratio_by_depth  images
 #   amp/loss_scale  amp/skipped_step                           AMP (torch)
@@ -76,7 +76,8 @@ KINDS: tuple[Kind, ...] = ("gradients", "parameters", "activations")
 # <kind>/<name> (histograms), updates/<name>/ratio and gradients/global_norm, with <kind>
 # one of gradients, parameters, activations; `parse_tag` reads both.
 
-GLOBAL_NORM = "global/grad_norm"  # L2 norm over all watched gradients: what clip_grad_norm_ sees
+_GLOBAL = "global"
+GLOBAL_NORM = f"{_GLOBAL}/grad_norm"  # L2 norm over all watched gradients: what clip_grad_norm_ sees
 LOSS_SCALE = "amp/loss_scale"
 SKIPPED_STEP = "amp/skipped_step"
 _SHORT: dict[str, str] = {"gradients": "grad", "parameters": "weight", "activations": "act"}
@@ -210,7 +211,7 @@ def layout(names: dict[Kind, Sequence[str]], ratios: Sequence[str]) -> dict[str,
             if chosen:
                 charts[f"{_SHORT[kind]}_norm: {part}"] = ["Multiline", tensor_tags(norm_tag(kind, n) for n in chosen)]
         if kind == "gradients":
-            charts[GLOBAL_NORM] = ["Multiline", tensor_tags([GLOBAL_NORM])]
+            charts[GLOBAL_NORM] = ["Multiline", [f"^{_GLOBAL}/"]]  # and the norm after clipping, where logged
         charts[f"nonfinite/{_SHORT[kind]}: NaN/Inf counts"] = ["Multiline", [f"^{_NONFINITE}/{_SHORT[kind]}/"]]
         categories[f"normlog: {titles[kind]}"] = charts
     if ratios:
@@ -469,15 +470,17 @@ def announce(
     for (rule, step), found in by_rule.items():
         # model order first; gradients before weights (a NaN gradient poisons the weight after it)
         found.sort(key=lambda f: (order.get(f.tensor, len(order)), f.kind != "gradients"))
-        writer.add_text(finding_text_tag(rule), findings_table(rule, step, found), step)
-        scalars.setdefault(step, []).append((finding_scalar_tag(rule), float(len({f.tensor for f in found}))))
+        rows = [row for finding in found for row in (finding, *getattr(finding, "members", ()))]
+        writer.add_text(finding_text_tag(rule), findings_table(rule, step, rows), step)
+        scalars.setdefault(step, []).append((finding_scalar_tag(rule), float(len({f.tensor for f in rows}))))
     for step, values in scalars.items():
         writer.add_record(step, values)
 
 
 def findings_table(rule: str, step: int, findings: Sequence[Finding]) -> str:
     """A Markdown table of one rule's findings at one step, in the given order (the first is
-    the origin). Names and messages go in code spans, which Markdown leaves as they are."""
+    the origin; an episode's `members`, the findings it explains, follow it). Names and
+    messages go in code spans, which Markdown leaves as they are."""
     lines = [
         f"**{rule}** at step {step}: {len(findings)} finding{'s' if len(findings) != 1 else ''}, origin first",
         "",

@@ -138,6 +138,9 @@ def screenshots(logdir: str, target: str) -> None:
             page.goto(f"{server.url}/#custom_scalars")
             cards = page.locator("tf-custom-scalar-multi-line-chart-card")
             cards.first.locator("path.line").first.wait_for(state="attached", timeout=120_000)
+            smoothing = page.locator("input[type=number]").first  # the sidebar's smoothing: the trend
+            smoothing.fill("0.95")
+            smoothing.press("Enter")
             for i in range(2):  # the weights' and the biases' gradient norms
                 cards.nth(i).locator("paper-icon-button[title='Toggle y-axis log scale']").click()
             page.wait_for_timeout(3000)  # the charts' transitions

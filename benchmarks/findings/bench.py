@@ -5,9 +5,13 @@ realistic PyTorch runs, healthy and broken (see scenarios.py), three seeds each.
     python benchmarks/findings/bench.py --record   # record every run again
     python benchmarks/findings/bench.py --names-only   # as `normlog report` sees a run today
 
+It prints one row per rule (findings, true ones, precision; required problems, found ones,
+recall; median delay in logged steps from cause to finding) and the number of healthy runs
+with any finding; RESULTS.md holds the table for the current rules and how to read it.
+
 Rules: recording uses plain torch (never `normlog.watch`) and is cached per scenario, seed
-and version of scenarios.py under benchmarks/findings/traces/ (git ignores it), so iterating on
-the rules in `normlog.health` takes seconds. A finding is true when a problem its scenario
+and version of its function under benchmarks/findings/traces/ (git ignores it), so iterating
+on the rules in `normlog.health` takes seconds. A finding is true when a problem its scenario
 declares has the same rule, a tensor the problem names (the finding's origin or any member),
 and a cause at or before the finding's step; everything a healthy run finds is false.
 """

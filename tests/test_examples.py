@@ -9,6 +9,7 @@ import sys
 import numpy as np
 
 from helpers import read_events, requires
+from normlog import _step
 
 EXAMPLES = os.path.join(os.path.dirname(__file__), os.pardir, "examples")
 
@@ -41,12 +42,15 @@ def test_torch_quickstart(tmp_path) -> None:
     assert f"tensorboard --logdir {tmp_path}" in out
     events = read_events(str(tmp_path))
     tags = events.Tags()
-    assert {"loss", "gradients/global_norm", "gradients/0.weight/norm", "parameters/4.bias/norm"} <= set(
-        tags["scalars"]
-    )
-    assert len(events.Scalars("gradients/global_norm")) == 120
-    assert [e.step for e in events.Histograms("gradients/0.weight")] == [0, 100]
-    assert [e.step for e in events.Scalars("updates/2.weight/ratio")] == [0, 100]
+    assert {
+        "loss",
+        _step.GLOBAL_NORM,
+        _step.norm_tag("gradients", "0.weight"),
+        _step.norm_tag("parameters", "4.bias"),
+    } <= set(tags["scalars"])
+    assert len(events.Scalars(_step.GLOBAL_NORM)) == 120
+    assert [e.step for e in events.Histograms(_step.histogram_tag("gradients", "0.weight"))] == [0, 100]
+    assert [e.step for e in events.Scalars(_step.ratio_tag("2.weight"))] == [0, 100]
 
 
 def test_torch_vanishing_gradients_shows_tanh_early_layers_vanishing(tmp_path) -> None:
@@ -54,7 +58,10 @@ def test_torch_vanishing_gradients_shows_tanh_early_layers_vanishing(tmp_path) -
     run_example("torch/vanishing_gradients.py", "--logdir", str(tmp_path), "--epochs", "30")
 
     def late_norm(run: str, layer: int) -> float:
-        norms = [e.value for e in read_events(str(tmp_path / run)).Scalars(f"gradients/layers.{layer}.weight/norm")]
+        norms = [
+            e.value
+            for e in read_events(str(tmp_path / run)).Scalars(_step.norm_tag("gradients", f"layers.{layer}.weight"))
+        ]
         return float(np.median(norms[-100:]))
 
     # What a user reads off the two runs: tanh's first layer gets a tiny fraction of the
@@ -73,15 +80,21 @@ def test_keras_quickstart(tmp_path) -> None:
     out = keras_run("keras/quickstart.py", "--logdir", str(tmp_path), "--epochs", "1")
     assert f"tensorboard --logdir {tmp_path}" in out
     events = read_events(str(tmp_path))
-    assert len(events.Scalars("gradients/conv/kernel/norm")) == 64  # 4096 images / 64 per batch
-    assert {"gradients/dense/kernel", "parameters/logits/bias"} <= set(events.Tags()["histograms"])
-    assert [e.step for e in events.Scalars("updates/conv/kernel/ratio")] == [0]
+    assert len(events.Scalars(_step.norm_tag("gradients", "conv/kernel"))) == 64  # 4096 images / 64 per batch
+    assert {_step.histogram_tag("gradients", "dense/kernel"), _step.histogram_tag("parameters", "logits/bias")} <= set(
+        events.Tags()["histograms"]
+    )
+    assert [e.step for e in events.Scalars(_step.ratio_tag("conv/kernel"))] == [0]
 
 
 def test_keras_gradient_tape_loop(tmp_path) -> None:
     keras_run("keras/gradient_tape_loop.py", "--logdir", str(tmp_path), "--epochs", "5")
     events = read_events(str(tmp_path))
-    for tag in ("gradients/layer1/kernel", "gradients/layer1/bias", "parameters/layer1/kernel"):
+    for tag in (
+        _step.histogram_tag("gradients", "layer1/kernel"),
+        _step.histogram_tag("gradients", "layer1/bias"),
+        _step.histogram_tag("parameters", "layer1/kernel"),
+    ):
         assert [e.step for e in events.Histograms(tag)] == [0, 1, 2, 3, 4]
     assert len(events.Scalars("loss")) == 5
 
@@ -90,7 +103,10 @@ def test_keras_vanishing_gradients_shows_tanh_early_layers_vanishing(tmp_path) -
     keras_run("keras/vanishing_gradients.py", "--logdir", str(tmp_path))
 
     def late_norm(run: str, layer: int) -> float:
-        norms = [e.value for e in read_events(str(tmp_path / run)).Scalars(f"gradients/hidden_{layer}/kernel/norm")]
+        norms = [
+            e.value
+            for e in read_events(str(tmp_path / run)).Scalars(_step.norm_tag("gradients", f"hidden_{layer}/kernel"))
+        ]
         return float(np.median(norms[-100:]))
 
     assert late_norm("tanh", 0) < 0.1 * late_norm("tanh", 9)
@@ -100,5 +116,5 @@ def test_keras_vanishing_gradients_shows_tanh_early_layers_vanishing(tmp_path) -
 def test_keras_binary_classifier(tmp_path) -> None:
     keras_run("keras/binary_classifier.py", "--logdir", str(tmp_path), "--epochs", "2")
     events = read_events(str(tmp_path / "gradients"))
-    assert len(events.Scalars("gradients/layer1/kernel/norm")) == 64  # 2000 / 64 -> 32 batches x 2 epochs
-    assert [e.step for e in events.Histograms("gradients/layer3/kernel")] == [0, 20, 40, 60]
+    assert len(events.Scalars(_step.norm_tag("gradients", "layer1/kernel"))) == 64  # 2000 / 64 -> 32 batches x 2 epochs
+    assert [e.step for e in events.Histograms(_step.histogram_tag("gradients", "layer3/kernel"))] == [0, 20, 40, 60]

@@ -16,6 +16,7 @@ import pytest
 
 import normlog
 from helpers import read_events, requires, scalars
+from normlog import _step
 from normlog.health import Monitor, StepValues, Thresholds, evaluate
 from normlog.report import load_runs, main
 
@@ -389,7 +390,7 @@ def test_torch_a_huge_learning_rate_explodes(tmp_path) -> None:
     watcher.unwatch()
     assert rules(watcher.findings, "exploding")
     events = read_events(str(tmp_path))
-    assert any(tag.startswith("health/exploding/") for tag in events.Tags()["scalars"])
+    assert _step.finding_scalar_tag("exploding") in events.Tags()["scalars"]
 
 
 def test_torch_a_nan_weight_is_found_at_its_step_with_its_name(tmp_path) -> None:
@@ -413,11 +414,14 @@ def test_torch_a_nan_weight_is_found_at_its_step_with_its_name(tmp_path) -> None
     weights = [(f.tensor, f.step) for f in watcher.findings if f.rule == "nonfinite" and f.kind == "parameters"]
     assert weights[0] == ("2.weight", 6)
     events = read_events(str(tmp_path))
-    texts = [e.tensor_proto.string_val[0].decode() for e in events.Tensors("health/nonfinite/text_summary")]
+    texts = [
+        e.tensor_proto.string_val[0].decode()
+        for e in events.Tensors(_step.finding_text_tag("nonfinite") + "/text_summary")
+    ]
     # the count is taken after the optimizer's update, which spreads the NaN: the finding,
     # its tensor and its step are exact
-    assert any(text.startswith("step 6: weight of '2.weight' holds NaN/Inf at step 6") for text in texts)
-    assert scalars(events, "health/nonfinite/2.weight") == {6: 1.0}
+    assert any("at step 6" in text and "weight of '2.weight' holds NaN/Inf at step 6" in text for text in texts)
+    assert scalars(events, _step.finding_scalar_tag("nonfinite"))[6] >= 1  # tensors flagged at step 6
 
 
 def test_torch_a_frozen_layer_is_neither_dead_nor_stalled(tmp_path) -> None:
@@ -535,7 +539,7 @@ def test_keras_a_frozen_layer_is_neither_dead_nor_stalled(tmp_path) -> None:
     model.fit(x, y, batch_size=64, epochs=3, verbose=0, callbacks=[watcher])
     assert not [f for f in watcher.findings if f.tensor.startswith("first/")]
     assert not [f for f in watcher.findings if f.rule in ("dead", "stalled")]
-    assert scalars(read_events(str(tmp_path)), "gradients/out/kernel/norm")
+    assert scalars(read_events(str(tmp_path)), _step.norm_tag("gradients", "out/kernel"))
 
 
 def test_the_normlog_console_script(tmp_path) -> None:

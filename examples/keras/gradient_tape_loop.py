@@ -49,7 +49,7 @@ def main() -> None:
         with tf.GradientTape() as tape:
             loss = loss_fn(y_train, model(x_train, training=True))
         gradients = tape.gradient(loss, model.trainable_variables)
-        # gradients/layer1/kernel, gradients/layer1/bias, parameters/layer1/kernel, ...
+        # grad/layer1/kernel, grad/layer1/bias, weight/layer1/kernel, ...
         watcher.log_gradients(gradients, model.trainable_variables, step=epoch)
         optimizer.apply_gradients(zip(gradients, model.trainable_variables))
         watcher.writer.add_scalar("loss", loss, epoch)

@@ -4,7 +4,8 @@ The story of examples/torch/vanishing_gradients.py, told with `fit`: two concent
 (generated here), ten hidden layers of 16 units. With tanh and torch's default initialisation,
 each layer passes back a smaller gradient than the one after it (the first layer's ends ~50x
 below the last's) and accuracy lags far behind; relu with He initialisation learns. Both runs share one logdir: compare
-`gradients/hidden_0/kernel/norm` between the `tanh` and `relu` runs.
+`grad_norm/hidden_0/kernel` between the `tanh` and `relu` runs (Custom Scalars: every layer on one
+chart), and `normlog/grad_norm_by_depth` in Images.
 
     python examples/keras/vanishing_gradients.py [--logdir runs/keras_vanishing] [--epochs 30]
     tensorboard --logdir runs/keras_vanishing

@@ -6,7 +6,8 @@ gradient than the one after it: the first layer's gradient norm ends about 100x 
 last's, and accuracy sticks at chance. relu with He initialisation keeps the norms level
 across layers and learns the circles.
 Both runs go to one logdir, so TensorBoard overlays them: compare
-`gradients/layers.0.weight/norm` between the `tanh` and `relu` runs.
+`grad_norm/layers.0.weight` between the `tanh` and `relu` runs (Custom Scalars: every layer on one
+chart), and `normlog/grad_norm_by_depth` in Images.
 
     python examples/torch/vanishing_gradients.py [--logdir runs/vanishing_gradients] [--epochs 60]
     tensorboard --logdir runs/vanishing_gradients

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import functools
 import math
 import re
 from collections import deque
@@ -297,7 +298,7 @@ class Monitor:
     def _is_vector(self, name: str) -> bool:
         """A bias or a normalisation gain: 1-D, by the shape the adapter gave, else by name."""
         ndim = self._ndims.get(name)
-        return ndim <= 1 if ndim is not None else _VECTOR.search(name) is not None
+        return ndim <= 1 if ndim is not None else _guess_vector(name)
 
     # -- the rules ---------------------------------------------------------------------------
 
@@ -536,6 +537,11 @@ class Monitor:
             _Episode(e["rule"], int(e["index"]), int(e["start"]), e["message"], [tuple(key) for key in e["keys"]])
             for e in state["episodes"]
         ]
+
+
+@functools.lru_cache(maxsize=4096)  # asked for every tensor at every logged step
+def _guess_vector(name: str) -> bool:
+    return _VECTOR.search(name) is not None
 
 
 def _key(finding: Finding) -> tuple[str, str, str]:

@@ -1,15 +1,18 @@
 """One training run for tests/test_distributed.py: `python distributed_worker.py MODE LOGDIR`,
 under `torchrun --standalone --nproc-per-node 2` for the distributed modes.
 
-MODE: single (one process, the whole batch), ddp, ddp-hooks (no optimizer=: backward
-hooks), ddp-per-rank, fsdp (FSDP2 fully_shard). Every run trains the same model on the same
-8 examples for 3 SGD steps; each of 2 ranks takes 4 of them, so the averaged gradients
-equal the single run's. The fsdp run also writes, from rank 0, the core's histogram and
-norm of every whole (gathered) gradient and weight before each step, to expected.json.
+MODE: single (one process, the whole batch), ddp, ddp-hooks (no optimizer=, and watch
+before the DDP wrap), ddp-per-rank, fsdp (FSDP2 fully_shard); single-accumulate and
+ddp-accumulate: two micro-batches per step (under DDP the first in `no_sync`), then
+clip_grad_norm_. Every run trains the same model on the same 8 examples for 3 SGD steps;
+each of 2 ranks takes 4 of them, so the averaged gradients equal the single run's. The fsdp
+run also writes, from rank 0, the core's histogram and norm of every whole (gathered)
+gradient and weight before each step, to expected.json.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -26,7 +29,8 @@ HISTOGRAM_EVERY, UPDATE_EVERY = 2, 3  # step 0: norms, histograms, updates; 1: n
 
 
 def main(mode: str, logdir: str) -> None:
-    distributed = mode != "single"
+    distributed = not mode.startswith("single")
+    accumulate = mode.endswith("-accumulate")
     if distributed:
         dist.init_process_group("gloo")
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
@@ -59,13 +63,15 @@ def main(mode: str, logdir: str) -> None:
         fully_shard(model, mesh=mesh)
         trained: nn.Module = model
     elif distributed:
-        if mode == "ddp-hooks":  # hooks made before DDP's: ours must still see the reduced gradients
+        if mode in ("ddp-hooks", "ddp-accumulate"):  # hooks before DDP's: ours must see the reduced gradients
             watcher = normlog.watch(model, logdir, histogram_every=HISTOGRAM_EVERY, health=False)
         trained = nn.parallel.DistributedDataParallel(model)
     else:
         trained = model
     optimizer = torch.optim.SGD(trained.parameters(), lr=0.1)
-    if mode != "ddp-hooks":
+    if accumulate and not distributed:
+        watcher = normlog.watch(model, logdir, histogram_every=HISTOGRAM_EVERY, health=False)
+    if mode not in ("ddp-hooks", "single-accumulate", "ddp-accumulate"):
         watcher = normlog.watch(
             trained,
             logdir,
@@ -77,6 +83,16 @@ def main(mode: str, logdir: str) -> None:
         )
     for _ in range(STEPS):
         optimizer.zero_grad()
+        if accumulate:  # each micro-batch half of this rank's (or the single process's) examples
+            half = (rows.stop - rows.start) // 2
+            for micro in range(2):
+                part = slice(rows.start + micro * half, rows.start + (micro + 1) * half)
+                quiet = trained.no_sync() if distributed and micro == 0 else contextlib.nullcontext()
+                with quiet:
+                    (nn.functional.mse_loss(trained(x[part]), y[part]) / 2).backward()
+            torch.nn.utils.clip_grad_norm_(trained.parameters(), 0.01)
+            optimizer.step()
+            continue
         nn.functional.mse_loss(trained(x[rows]), y[rows]).backward()
         if mode == "fsdp":  # the whole tensors, gathered, through the core
             record: dict[str, object] = {}

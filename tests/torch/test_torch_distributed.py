@@ -16,7 +16,8 @@ from helpers import event_files, histogram_buckets, read_events, requires, scala
 
 torch = requires("torch")
 
-from normlog._step import histogram_tag, norm_tag, parse_tag  # noqa: E402
+from normlog._step import GLOBAL_NORM, histogram_tag, norm_tag  # noqa: E402
+from normlog.torch._watcher import CLIPPED_GLOBAL_NORM  # noqa: E402
 
 if not torch.distributed.is_available():
     pytest.skip("this torch build has no torch.distributed", allow_module_level=True)
@@ -26,7 +27,7 @@ STEPS = 3
 
 
 def run(mode: str, logdir: str) -> None:
-    if mode == "single":
+    if mode.startswith("single"):
         command = [sys.executable, WORKER, mode, logdir]
     else:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
@@ -40,7 +41,7 @@ def run(mode: str, logdir: str) -> None:
 def logs(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("distributed")
     runs = {}
-    for mode in ("single", "ddp", "ddp-hooks", "ddp-per-rank", "fsdp"):
+    for mode in ("single", "ddp", "ddp-hooks", "ddp-per-rank", "fsdp", "single-accumulate", "ddp-accumulate"):
         runs[mode] = str(root / mode)
         run(mode, runs[mode])
     return runs
@@ -64,13 +65,21 @@ def test_two_ranks_log_the_single_process_numbers_once(logs, mode) -> None:
     # Guarantee: DDP's logged gradients are the all-reduced ones (with optimizer= and with
     # backward hooks alone), FSDP2's norms are the whole tensors'; rank 0 alone writes.
     single = all_scalars(logs["single"])
-    if mode == "ddp-hooks":  # without optimizer= there are no update ratios
-        single = {tag: v for tag, v in single.items() if getattr(parse_tag(tag), "statistic", "") != "ratio"}
     got = all_scalars(logs[mode])
     assert_same_scalars(got, single)
     assert sorted(got[norm_tag("gradients", "0.weight")]) == list(range(STEPS))
     assert len(event_files(logs[mode])) == 1
     assert not any(name.startswith("rank") for name in os.listdir(logs[mode]))
+
+
+def test_ddp_with_no_sync_accumulation_and_clipping_logs_the_single_process_numbers(logs) -> None:
+    # the first micro-batch's gradients stay local (no_sync); the second's backward
+    # all-reduces the accumulated sum: the logged step is that, before clip_grad_norm_
+    single = all_scalars(logs["single-accumulate"])
+    assert_same_scalars(all_scalars(logs["ddp-accumulate"]), single)
+    assert sorted(single[GLOBAL_NORM]) == list(range(STEPS))
+    assert all(norm > 0.01 for norm in single[GLOBAL_NORM].values())  # clipping engaged
+    assert all(norm == pytest.approx(0.01, rel=1e-4) for norm in single[CLIPPED_GLOBAL_NORM].values())
 
 
 def test_per_rank_gives_each_rank_its_own_run(logs) -> None:

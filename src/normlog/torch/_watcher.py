@@ -350,7 +350,8 @@ class Watcher:
         self._in_step = optimizer
         self._seen_optimizer = True
         self._per_backward = False
-        self._closure = bool(args and args[0] is not None) or kwargs.get("closure") is not None
+        # torch hands the hooks step()'s own arguments, the optimizer first: a closure is the next
+        self._closure = (args[1] if len(args) > 1 else kwargs.get("closure")) is not None
         self._closure_backward = False
         self._guard.safely(self._raise_failure)
         self._guard.safely(self._start_optimizer_step, where=f" at step {self.step}")

@@ -46,7 +46,9 @@ def soak(steps: int, histogram_every: int, logdir: str) -> dict[str, float]:
     watcher = normlog.watch(model, logdir, optimizer=optimizer, histogram_every=histogram_every)
     path = watcher.writer._file.path if watcher.writer is not None else ""
     warmup = max(steps // 10, 1)
-    checkpoints = {warmup + (steps - warmup) * k // 10: 0 for k in range(11)}
+    # each tenth after warm-up spans a whole number of histogram steps (each with its pictures)
+    tenth = max(histogram_every, (steps - warmup) // 10 // histogram_every * histogram_every)
+    checkpoints = {warmup + tenth * k: 0 for k in range(11) if warmup + tenth * k <= steps}
     sizes: list[tuple[int, int]] = []
     rss_warm = 0.0
     start = time.perf_counter()
@@ -55,7 +57,7 @@ def soak(steps: int, histogram_every: int, logdir: str) -> dict[str, float]:
         nn.functional.mse_loss(model(x), y).backward()
         optimizer.step()
         if step in checkpoints:
-            watcher.writer.flush()  # type: ignore[union-attr]
+            watcher.flush()  # the pictures being drawn too
             sizes.append((step, os.path.getsize(path)))
             if step == warmup:
                 gc.collect()

@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import re
+import threading
 import warnings
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from normlog import _rows
-from normlog._overview import DepthHistory, draw_norm_by_depth, matplotlib_available
+from normlog._overview import DepthHistory, Panel, draw_norm_by_depth, matplotlib_available
 from normlog._rows import HistogramRows
 from normlog.health import Finding, HealthWarning, Monitor, StepValues
 
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
     from normlog.writer import Writer
 
 __all__ = [
+    "CLIPPED_GLOBAL_NORM",
     "GLOBAL_NORM",
     "LOSS_SCALE",
     "SKIPPED_STEP",
@@ -79,6 +81,8 @@ KINDS: tuple[Kind, ...] = ("gradients", "parameters", "activations")
 
 _GLOBAL = "global"
 GLOBAL_NORM = f"{_GLOBAL}/grad_norm"  # L2 norm over all watched gradients: what clip_grad_norm_ sees
+# what optimizer.step() applied, where clipping changed the gradients (torch)
+CLIPPED_GLOBAL_NORM = f"{_GLOBAL}/grad_norm_clipped"
 LOSS_SCALE = "amp/loss_scale"
 SKIPPED_STEP = "amp/skipped_step"
 _SHORT: dict[str, str] = {"gradients": "grad", "parameters": "weight", "activations": "act"}
@@ -309,6 +313,10 @@ class Recorder:
         self._last_step: int | None = None
         self._drawn_at: int | None = None
         self._closed = False
+        # The pictures are drawn off the training thread (matplotlib takes ~0.1-1 s a picture),
+        # one picture step at a time: the next waits for the last, so memory stays bounded.
+        self._drawing: threading.Thread | None = None  # started per picture step, gone when done
+        self._drawing_failure: Exception | None = None
         if writer is not None:
             others = _RECORDERS.setdefault(writer, weakref.WeakSet())
             if len(others):
@@ -328,6 +336,8 @@ class Recorder:
         self._closed = True
         if self.writer is not None and self._last_step is not None and self._drawn_at != self._last_step:
             self._guard.safely(lambda: self._draw(self._last_step or 0), where=" drawing the norm-by-depth picture")
+        self.wait_for_drawing()
+        self._raise_drawing_failure()
         if self.writer is not None and self.writer in _RECORDERS:
             _RECORDERS[self.writer].discard(self)
 
@@ -344,6 +354,7 @@ class Recorder:
         written); a weight of norm 0 has no update ratio."""
         if self.writer is None:
             return
+        self._raise_drawing_failure()
         out = list(scalars)
         values = StepValues(step)
         tags: list[str] = []
@@ -401,27 +412,58 @@ class Recorder:
         return {kind: list(names) for kind, names in self._names.items()}
 
     def _draw(self, step: int) -> None:
-        """The norm-by-depth pictures of the run so far, at `step`."""
+        """The norm-by-depth pictures of the run so far, at `step`: their data is taken here,
+        and they are drawn and written by the drawing thread."""
         assert self.writer is not None
         self._drawn_at = step
         histories = [
             (self._grad_history, "grad_norm", "gradient norm"),
             (self._ratio_history, "update_ratio", "update ratio ‖Δw‖/‖w‖"),
         ]
-        histories = [h for h in histories if len(h[0])]
-        if not histories:
+        panels = [
+            (history.panel(f"log10 {what} by depth (rows: tensors in model order; {len(history)} logged steps)"),
+             statistic, what)
+            for history, statistic, what in histories
+            if len(history)
+        ]  # fmt: skip
+        if not panels:
             return
         if not matplotlib_available():
             self._guard.warn_once(
                 "matplotlib", "normlog: the norm-by-depth images need matplotlib (pip install 'normlog[plot]'); skipped"
             )
             return
-        for history, statistic, what in histories:
-            title = f"log10 {what} by depth (rows: tensors in model order; {len(history)} logged steps)"
-            figure = draw_norm_by_depth([history.panel(title)], label=f"log10 {what}")
-            self.writer.add_figure(image_tag(statistic), figure, step)
-            figure.clear()  # a figure holds reference cycles: let its memory go now, not at a later GC
-        gc.collect()  # once per picture step (every `histogram_every`): a flat resident size over a long run
+        self.wait_for_drawing()
+        self._drawing = threading.Thread(
+            target=self._draw_panels, args=(self.writer, panels, step), name="normlog-pictures", daemon=True
+        )
+        self._drawing.start()
+
+    def wait_for_drawing(self) -> None:
+        """Return once the pictures being drawn are written."""
+        if self._drawing is not None:
+            self._drawing.join()
+            self._drawing = None
+
+    def _draw_panels(self, writer: Writer, panels: list[tuple[Panel, str, str]], step: int) -> None:
+        """On the drawing thread. A failure warns once; with strict=True it is raised on the
+        training thread at its next step (as the adapters' background writing does)."""
+        try:
+            for panel, statistic, what in panels:
+                figure = draw_norm_by_depth([panel], label=f"log10 {what}")
+                writer.add_figure(image_tag(statistic), figure, step)
+                figure.clear()  # a figure holds reference cycles: let its memory go now, not at a later GC
+            gc.collect()  # once per picture step (every `histogram_every`): a flat resident size over a long run
+        except Exception as error:
+            if self._guard.strict:
+                self._drawing_failure = error
+            else:
+                self._guard.warn_once("drawing", f"normlog: drawing the norm-by-depth picture failed: {error!r}")
+
+    def _raise_drawing_failure(self) -> None:
+        failure, self._drawing_failure = self._drawing_failure, None
+        if failure is not None:
+            raise failure
 
     def _norms(self, step: int, group: Group, values: StepValues) -> list[tuple[str, float]]:
         assert group.norms is not None

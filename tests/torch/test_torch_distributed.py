@@ -16,8 +16,12 @@ from helpers import event_files, histogram_buckets, read_events, requires, scala
 
 torch = requires("torch")
 
-from normlog._step import GLOBAL_NORM, histogram_tag, norm_tag  # noqa: E402
-from normlog.torch._watcher import CLIPPED_GLOBAL_NORM  # noqa: E402
+from normlog._step import (  # noqa: E402
+    CLIPPED_GLOBAL_NORM,
+    GLOBAL_NORM,
+    histogram_tag,
+    norm_tag,
+)
 
 if not torch.distributed.is_available():
     pytest.skip("this torch build has no torch.distributed", allow_module_level=True)

@@ -15,8 +15,11 @@ pl = requires("lightning.pytorch")
 from lightning.pytorch.utilities import grad_norm  # noqa: E402
 from torch import nn  # noqa: E402
 
-from normlog._step import GLOBAL_NORM, norm_tag  # noqa: E402
-from normlog.torch._watcher import CLIPPED_GLOBAL_NORM  # noqa: E402
+from normlog._step import (  # noqa: E402
+    CLIPPED_GLOBAL_NORM,
+    GLOBAL_NORM,
+    norm_tag,
+)
 from normlog.torch.lightning import Callback  # noqa: E402
 
 TOTAL = "grad_2.0_norm_total"

@@ -21,8 +21,11 @@ torch = requires("torch")
 from torch import nn  # noqa: E402
 
 import normlog  # noqa: E402
-from normlog._step import GLOBAL_NORM, norm_tag  # noqa: E402
-from normlog.torch._watcher import CLIPPED_GLOBAL_NORM  # noqa: E402
+from normlog._step import (  # noqa: E402
+    CLIPPED_GLOBAL_NORM,
+    GLOBAL_NORM,
+    norm_tag,
+)
 
 MAX_NORM = 0.05  # below every step's gradient norm on this model and data: clipping always engages
 

@@ -15,8 +15,7 @@ torch = requires("torch")
 transformers = requires("transformers")
 
 import normlog.torch.transformers  # noqa: E402
-from normlog._step import GLOBAL_NORM  # noqa: E402
-from normlog.torch._watcher import CLIPPED_GLOBAL_NORM  # noqa: E402
+from normlog._step import CLIPPED_GLOBAL_NORM, GLOBAL_NORM  # noqa: E402
 
 TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
 

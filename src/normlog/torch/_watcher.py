@@ -23,7 +23,7 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 from torch.utils.hooks import RemovableHandle
 
-from normlog._step import LOSS_SCALE, SKIPPED_STEP, Kind, Recorder, run_directory
+from normlog._step import CLIPPED_GLOBAL_NORM, LOSS_SCALE, SKIPPED_STEP, Kind, Recorder, run_directory
 from normlog._watching import Background, Guard, check_options
 from normlog.health import Finding, Monitor, Thresholds
 from normlog.torch._distributed import dtensor_type, local, rank_and_world, unwrapped
@@ -31,14 +31,13 @@ from normlog.torch._engines import dense
 from normlog.torch._reduce import Reduction
 from normlog.writer import Writer
 
-__all__ = ["CLIPPED_GLOBAL_NORM", "Watcher", "torch_optimizer", "unwatch", "watch"]
+__all__ = ["Watcher", "torch_optimizer", "unwatch", "watch"]
 
 Log = Literal["gradients", "parameters", "all"]
 
 # The global norm of the gradients optimizer.step() received: after clipping (and GradScaler's
 # unscaling), where `gradients/global_norm` is before clipping. Defined here alone until the
 # tag scheme's owner, normlog._step, takes it over.
-CLIPPED_GLOBAL_NORM = "global/grad_norm_clipped"
 
 # model -> its Watcher; weak so that watching never keeps a model alive.
 _WATCHERS: weakref.WeakKeyDictionary[nn.Module, Watcher] = weakref.WeakKeyDictionary()
@@ -125,10 +124,12 @@ class _GradHook:
             watcher._on_grad_accumulated(param)
 
 
-def _release(background: Background, writer: Writer | None) -> None:
-    """A watcher's clean-up, run by `unwatch` or when the watcher is collected: its thread
-    stops and the Writer it made closes, so dropped watchers leak no thread or descriptor."""
+def _release(background: Background, recorder: Recorder, writer: Writer | None) -> None:
+    """A watcher's clean-up, run by `unwatch` or when the watcher is collected: its threads
+    (the writing, a picture being drawn) end and the Writer it made closes, so dropped
+    watchers leak no thread or descriptor."""
     background.stop()
+    recorder.wait_for_drawing()
     if writer is not None:
         writer.close()
 
@@ -212,7 +213,9 @@ class Watcher:
         self._failure: Exception | None = None  # from the background, raised on the training thread
         monitor = Monitor(health if isinstance(health, Thresholds) else None) if health else None
         self._recorder = Recorder(writer, self._guard, bins, monitor, health_via)
-        self._finalizer = weakref.finalize(self, _release, self._background, writer if owns_writer else None)
+        self._finalizer = weakref.finalize(
+            self, _release, self._background, self._recorder, writer if owns_writer else None
+        )
         # at exit, steps still being written are finished before the writer's own exit hook
         # closes it (atexit runs the last registered first); a weak reference keeps the
         # watcher, and so the model, collectable
@@ -513,6 +516,14 @@ class Watcher:
                 applied = float(np.sqrt(np.sum(np.square(gradients.norms))))
         extra = [*scalars, (CLIPPED_GLOBAL_NORM, applied)] if applied is not None else scalars
         self._recorder.record(pending.step, groups, updates, extra)
+
+    def flush(self) -> None:
+        """Write out everything logged so far (a step still being written, the pictures being
+        drawn) and make it durable on disk, as `Writer.flush` does."""
+        self._guard.safely(self._wait_for_writing)
+        self._recorder.wait_for_drawing()
+        if self.writer is not None:
+            self.writer.flush()
 
     @property
     def findings(self) -> list[Finding]:

@@ -346,3 +346,13 @@ def _clean(tag: str) -> str:
     from tensorboardX.summary import _clean_tag
 
     return str(_clean_tag(tag))
+
+
+def test_errors_of_add_scalars_keys_and_of_a_closed_writer_name_the_tag(tmp_path) -> None:
+    writer = normlog.Writer(tmp_path)
+    with pytest.raises(TypeError, match=r"tag 'loss': the keys of add_scalars .* got 3 \(int\)"):
+        writer.add_scalars("loss", {3: 1.0})
+    writer.close()
+    for add in (lambda: writer.add_scalar("loss", 1.0), lambda: writer.add_scalars("loss", {"train": 1.0})):
+        with pytest.raises(ValueError, match="tag 'loss': cannot add to a closed Writer"):
+            add()

@@ -52,6 +52,15 @@ def _named(tag: str, convert: Callable[[], _T]) -> _T:
         raise type(error)(f"normlog: tag {tag!r}: {error}") from error
 
 
+def _check_key(main_tag: str, key: Any) -> str:
+    if not isinstance(key, str):
+        raise TypeError(
+            f"normlog: tag {main_tag!r}: the keys of add_scalars name runs and must be strings, "
+            f"got {key!r} ({type(key).__name__})"
+        )
+    return key
+
+
 def _check_tag(tag: Any) -> str:
     if not isinstance(tag, str):
         raise TypeError(f"normlog: tag must be a string, got {tag!r} ({type(tag).__name__})")
@@ -205,13 +214,13 @@ class Writer:
                 f"normlog: tag {main_tag!r}: expected a dict of scalars, got {type(tag_scalar_dict).__name__}"
             )
         scalars = {
-            _check_tag(key): _named(f"{main_tag}/{key}", functools.partial(_to_float, v))
+            _check_key(main_tag, key): _named(f"{main_tag}/{key}", functools.partial(_to_float, v))
             for key, v in tag_scalar_dict.items()
         }
         number, seconds = _step_number(main_tag, step), _walltime(main_tag, walltime)
         messages: list[str] = []
         with self._lock:
-            self._open()
+            self._open(main_tag)
             for key, value in scalars.items():
                 event_file = self._scalar_file(_run_directory(self.logdir, main_tag, key), messages)
                 if event_file is None:
@@ -361,9 +370,12 @@ class Writer:
 
     # -- internals -------------------------------------------------------------------
 
-    def _open(self) -> None:
+    def _open(self, tag: str = "") -> None:
         if self._closed:
-            raise ValueError(f"normlog: {self!r}: cannot add to a closed Writer")
+            raise ValueError(
+                f"normlog: tag {tag!r}: cannot add to a closed Writer ({self.logdir!r}); make a new Writer, "
+                "or add before close()"
+            )
 
     def add_record(
         self,
@@ -405,7 +417,7 @@ class Writer:
 
     def _add(self, event: bytes, name: str) -> None:
         with self._lock:
-            self._open()
+            self._open(name)
             self._file.add(event, name)
 
 

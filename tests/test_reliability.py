@@ -333,3 +333,28 @@ def test_background_work_runs_in_order_and_a_full_queue_holds_the_caller_back() 
     background.wait()
     assert done == [1, 2, 3]
     background.stop()
+
+
+def test_background_work_done_is_not_kept_alive_by_the_waiting_thread() -> None:
+    # On a GPU a watcher's writing runs on this thread; a job it has finished must not keep the
+    # watcher (and so its Writer) alive while the thread waits for the next one.
+    import gc
+    import weakref
+
+    from normlog._watching import Background
+
+    class Job:
+        def __call__(self) -> None:
+            pass
+
+    background = Background()
+    job = Job()
+    reference = weakref.ref(job)
+    background.submit(job)
+    background.wait()
+    del job
+    gc.collect()
+    try:
+        assert reference() is None
+    finally:
+        background.stop()

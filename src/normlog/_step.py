@@ -189,6 +189,7 @@ def _is_bias(name: str) -> bool:
 
 
 def _weights_and_biases(names: Sequence[str]) -> list[tuple[str, list[str]]]:
+    """The names split into weights (kernels) and biases, each in the given order."""
     return [("weights", [n for n in names if not _is_bias(n)]), ("biases", [n for n in names if _is_bias(n)])]
 
 
@@ -209,10 +210,7 @@ def layout(names: dict[Kind, Sequence[str]], ratios: Sequence[str]) -> dict[str,
         if not listed:
             continue
         charts: dict[str, list[Any]] = {}
-        for part, chosen in (
-            ("weights", [n for n in listed if not _is_bias(n)]),
-            ("biases", list(filter(_is_bias, listed))),
-        ):
+        for part, chosen in _weights_and_biases(listed):
             if chosen:
                 charts[f"{_SHORT[kind]}_norm: {part}"] = ["Multiline", tensor_tags(norm_tag(kind, n) for n in chosen)]
         if kind == "gradients":
@@ -221,10 +219,7 @@ def layout(names: dict[Kind, Sequence[str]], ratios: Sequence[str]) -> dict[str,
         categories[f"normlog: {titles[kind]}"] = charts
     if ratios:
         charts = {}
-        for part, chosen in (
-            ("weights", [n for n in ratios if not _is_bias(n)]),
-            ("biases", list(filter(_is_bias, ratios))),
-        ):
+        for part, chosen in _weights_and_biases(ratios):
             if chosen:
                 charts[f"{_RATIO}: {part}"] = ["Multiline", tensor_tags(ratio_tag(n) for n in chosen)]
         categories["normlog: update ratios"] = charts

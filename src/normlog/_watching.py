@@ -86,4 +86,5 @@ def _serve(work_queue: queue.Queue[Callable[[], object] | None]) -> None:
                 return
             work()  # the caller's work catches its own errors; see Watcher._write_later
         finally:
+            work = None  # nothing done may stay alive here while the thread waits (a dropped watcher)
             work_queue.task_done()

@@ -408,9 +408,9 @@ class Watcher(keras.callbacks.Callback):  # type: ignore[misc]
         if step >= 0 and self._written.get((key, "stats"), -1) != step:
             self._written[key, "stats"] = step
             record = records.setdefault(step, _Record())
-            if scale != 1.0:
+            if scale != 1.0 and LOSS_SCALE not in dict(record.scalars):  # one per step, however many optimizers
                 record.scalars.append((LOSS_SCALE, scale))
-            if skipped:  # Keras skipped this update by design: not a finding
+            if skipped and SKIPPED_STEP not in dict(record.scalars):  # Keras skipped it by design: not a finding
                 record.scalars.append((SKIPPED_STEP, 1.0))
             else:
                 if self._log_gradients:
@@ -486,13 +486,15 @@ class Watcher(keras.callbacks.Callback):  # type: ignore[misc]
                 optimizer.__dict__.pop("apply", None)  # back to the class's methods
                 optimizer.__dict__.pop("_all_reduce_sum_gradients", None)
             slot.optimizers.clear()
-        self._recorder.close()
         _LIVE.discard(self)
-        model = self._watched() if self._watched is not None else None
-        if model is not None and getattr(model, "train_function", None) is not None:
-            model.make_train_function(force=True)
-        if self._owns_writer:
-            self.writer.close()
+        try:
+            self._recorder.close()  # with strict, a failed picture raises after the clean-up below
+        finally:
+            model = self._watched() if self._watched is not None else None
+            if model is not None and getattr(model, "train_function", None) is not None:
+                model.make_train_function(force=True)
+            if self._owns_writer:
+                self.writer.close()
 
 
 @atexit.register

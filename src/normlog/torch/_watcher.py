@@ -35,10 +35,6 @@ __all__ = ["Watcher", "torch_optimizer", "unwatch", "watch"]
 
 Log = Literal["gradients", "parameters", "all"]
 
-# The global norm of the gradients optimizer.step() received: after clipping (and GradScaler's
-# unscaling), where `gradients/global_norm` is before clipping. Defined here alone until the
-# tag scheme's owner, normlog._step, takes it over.
-
 # model -> its Watcher; weak so that watching never keeps a model alive.
 _WATCHERS: weakref.WeakKeyDictionary[nn.Module, Watcher] = weakref.WeakKeyDictionary()
 # model -> the step its last watcher had reached: watching it again continues the count
@@ -414,12 +410,15 @@ class Watcher:
         # GradScaler skips optimizer.step() when the unscaled gradients hold Inf/NaN, so the
         # optimizer's hooks never see those steps; scaler.update() runs every iteration.
         original = scaler.update
+        reference = weakref.ref(self)  # the scaler must not keep a dropped watcher alive
 
         def update(new_scale: Any = None) -> None:
-            stepped, self._stepped = self._stepped, False
-            if not stepped:
-                self._write_step(self._pending, [(SKIPPED_STEP, 1.0)])
-            self._guard.safely(lambda: self._log_loss_scale(scaler), where=f" at step {self.step - 1}")
+            watcher = reference()
+            if watcher is not None:
+                stepped, watcher._stepped = watcher._stepped, False
+                if not stepped:
+                    watcher._write_step(watcher._pending, [(SKIPPED_STEP, 1.0)])
+                watcher._guard.safely(lambda: watcher._log_loss_scale(scaler), where=f" at step {watcher.step - 1}")
             original(new_scale)
 
         scaler.update = update  # type: ignore[method-assign]
@@ -545,20 +544,26 @@ class Watcher:
             self._guard.safely(self._wait_for_writing)  # with strict, raises after the clean-up below
         finally:
             self._pending, self._fresh = None, False
-            self._recorder.close()
-            for handle in [*self._handles, *self._grad_hooks.values()]:
-                handle.remove()
-            self._handles.clear()
-            self._grad_hooks.clear()
-            for restore in self._restore:
-                restore()
-            self._restore.clear()
-            model = self._model()
-            if model is not None:
-                _STEPS[model] = self.step
-                if _WATCHERS.get(model) is self:
-                    del _WATCHERS[model]
-            self._finalizer()  # stops the background thread, closes the writer if watch made it
+            try:
+                self._recorder.close()  # with strict, a failed picture raises after the clean-up below
+            finally:
+                self._clean_up()
+
+    def _clean_up(self) -> None:
+        """Remove every hook, undo every wrapper, and let the thread and the Writer go."""
+        for handle in [*self._handles, *self._grad_hooks.values()]:
+            handle.remove()
+        self._handles.clear()
+        self._grad_hooks.clear()
+        for restore in self._restore:
+            restore()
+        self._restore.clear()
+        model = self._model()
+        if model is not None:
+            _STEPS[model] = self.step
+            if _WATCHERS.get(model) is self:
+                del _WATCHERS[model]
+        self._finalizer()  # stops the background thread, closes the writer if watch made it
 
     def __enter__(self) -> Watcher:
         return self
@@ -592,7 +597,7 @@ def watch(
 
     A step is one optimizer update. Its gradients are those the last backward pass before
     the update left: accumulated over micro-batches, after DDP's all-reduce, unscaled where a
-    GradScaler scaled them, and before clipping (`gradients/global_norm_clipped` gives the
+    GradScaler scaled them, and before clipping (`global/grad_norm_clipped` gives the
     global norm the optimizer applied, after clipping). With `optimizer.step(closure)`
     they are those of the closure's first backward pass (LBFGS evaluates it again; the first
     is the gradient at the step's starting point). Every optimizer that updates the model's
@@ -649,19 +654,12 @@ def watch(
     unwatch(model)
     start = step if step is not None else (previous.step if previous is not None else _STEPS.get(model, 0))
     owns_writer = writer is None
-    if name is not None:
-        if writer is not None:
-            writer, owns_writer = Writer(run_directory(writer.logdir, name)), True
-        else:
-            logdir = run_directory(logdir, name)
+    if name is not None:  # its own run, under the logdir or the given Writer's
+        logdir, writer, owns_writer = run_directory(writer.logdir if writer is not None else logdir, name), None, True
     rank, world = rank_and_world()
     if world > 1 and per_rank and owns_writer:
-        if writer is not None:
-            writer.close()
         writer = Writer(None if logdir is None else os.path.join(logdir, f"rank{rank}"), comment=f"_rank{rank}")
     elif world > 1 and not per_rank and rank != 0:
-        if owns_writer and writer is not None:
-            writer.close()
         writer = None  # rank 0 writes; this rank only joins the all-reduces of sharded tensors
     elif writer is None:
         writer = Writer(logdir)

@@ -10,6 +10,7 @@ step writes, so they cannot drift: a zero-norm weight has no update ratio (none 
 
 from __future__ import annotations
 
+import atexit
 import gc
 import logging
 import math
@@ -432,6 +433,7 @@ class Recorder:
         self._drawing = threading.Thread(
             target=self._draw_panels, args=(self.writer, panels, step), name="normlog-pictures", daemon=True
         )
+        _drawing_at_exit(self._drawing)
         self._drawing.start()
 
     def wait_for_drawing(self) -> None:
@@ -483,6 +485,26 @@ class Recorder:
                         f"normlog: {int(count)} NaN/Inf values in the {kind} of {name!r} at step {step}",
                     )
         return out
+
+
+_DRAWING: weakref.WeakSet[threading.Thread] = weakref.WeakSet()  # picture threads started
+
+
+def _drawing_at_exit(thread: threading.Thread) -> None:
+    """Make interpreter exit wait for `thread` (a picture being drawn) before the Writers close:
+    a daemon thread still inside matplotlib while the interpreter tears down can abort the
+    process. The hook is registered at the first picture, after the Writers' own exit hooks,
+    so it runs before them (atexit runs the last registered first)."""
+    if not _DRAWING and not getattr(_drawing_at_exit, "registered", False):
+        atexit.register(_finish_drawing)
+        _drawing_at_exit.registered = True  # type: ignore[attr-defined]
+    _DRAWING.add(thread)
+
+
+def _finish_drawing() -> None:
+    for thread in list(_DRAWING):
+        if thread.is_alive():
+            thread.join(timeout=60)
 
 
 def announce(

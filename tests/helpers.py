@@ -71,3 +71,16 @@ def row_histogram(row: Any, bins: int) -> Any:
     from normlog import _rows
 
     return _rows.histograms(np.asarray(row, dtype=np.float64)[None], bins)[0]
+
+
+CHROMIUM = "/usr/bin/chromium"  # Debian's package; playwright never downloads a browser here
+
+
+def chromium() -> str:
+    """The browser's path, or a skip (a failure when NORMLOG_REQUIRE names chromium)."""
+    required = {name.strip() for name in os.environ.get("NORMLOG_REQUIRE", "").split(",") if name.strip()}
+    if os.access(CHROMIUM, os.X_OK):
+        return CHROMIUM
+    if "chromium" in required:
+        pytest.fail(f"NORMLOG_REQUIRE names chromium, and there is no {CHROMIUM} (apt-get install chromium)")
+    pytest.skip(f"no {CHROMIUM}")

@@ -17,22 +17,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from helpers import requires
+from helpers import chromium, requires
 from normlog import _step
 from tests.tensorboard_server import Server, tensorboard, watched_run
 
-CHROMIUM = "/usr/bin/chromium"  # Debian's package; playwright never downloads a browser here
 RUN = "run"
-
-
-def chromium() -> str:
-    """The browser's path, or a skip (a failure when NORMLOG_REQUIRE names chromium)."""
-    required = {name.strip() for name in os.environ.get("NORMLOG_REQUIRE", "").split(",") if name.strip()}
-    if os.access(CHROMIUM, os.X_OK):
-        return CHROMIUM
-    if "chromium" in required:
-        pytest.fail(f"NORMLOG_REQUIRE names chromium, and there is no {CHROMIUM} (apt-get install chromium)")
-    pytest.skip(f"no {CHROMIUM}")
 
 
 @pytest.fixture(scope="module")

@@ -27,22 +27,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from helpers import requires
+from helpers import chromium, requires
 from tests.test_tensorboard_plugin import NAN_RUN, NAN_STEP, NAN_TENSOR, watched_nan_run
 
-CHROMIUM = "/usr/bin/chromium"  # Debian's package; playwright never downloads a browser here
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAN_RGB = (232, 17, 45)  # index.js: NaN's own colour
-
-
-def chromium() -> str:
-    """The browser's path, or a skip (a failure when NORMLOG_REQUIRE names chromium)."""
-    required = {name.strip() for name in os.environ.get("NORMLOG_REQUIRE", "").split(",") if name.strip()}
-    if os.access(CHROMIUM, os.X_OK):
-        return CHROMIUM
-    if "chromium" in required:
-        pytest.fail(f"NORMLOG_REQUIRE names chromium, and there is no {CHROMIUM} (apt-get install chromium)")
-    pytest.skip(f"no {CHROMIUM}")
 
 
 def playwright_module() -> Any:

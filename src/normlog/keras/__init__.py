@@ -46,13 +46,26 @@ def _check_target(target: Any) -> None:
         raise TypeError(f"normlog.keras.watch needs a keras.Model or a keras.optimizers.Optimizer, got {kind}.{hint}")
 
 
-def _check_backend() -> None:
+# Keras' backend -> the module that watches under it (each has `make_watcher`, one signature)
+_BACKENDS = {
+    "tensorflow": "normlog.keras._callback",
+    "jax": "normlog.keras._jax",
+    "torch": "normlog.keras._torch",
+}
+
+
+def _backend_module() -> Any:
+    """The module that watches `model` under this process's Keras backend; a clear error for
+    a backend normlog does not support (before any file is made)."""
+    import importlib
+
     backend = keras.backend.backend()
-    if backend != "tensorflow":
+    if backend not in _BACKENDS:
         raise RuntimeError(
-            f"normlog.keras supports Keras 3 with the TensorFlow backend; this process uses {backend!r}. "
-            "Set KERAS_BACKEND=tensorflow, or log with normlog.Writer from your own loop."
+            f"normlog.keras supports Keras 3 with the TensorFlow, JAX or torch backend; this process uses "
+            f"{backend!r}. Set KERAS_BACKEND to one of those, or log with normlog.Writer from your own loop."
         )
+    return importlib.import_module(_BACKENDS[backend])
 
 
 def watch(
@@ -95,14 +108,14 @@ def watch(
 
     Raises:
         TypeError: `model` is not a Keras model or optimizer (no file is made).
-        RuntimeError: Keras runs on a backend other than TensorFlow.
+        RuntimeError: Keras runs on a backend other than TensorFlow, JAX or torch.
 
     Example:
         >>> model.fit(x, y, callbacks=[normlog.keras.watch(model, "runs/mlp")])  # doctest: +SKIP
     """
     _check_target(model)
-    _check_backend()
-    from normlog.keras._callback import find_optimizers, make_watcher
+    backend = _backend_module()
+    find_optimizers, make_watcher = backend.find_optimizers, backend.make_watcher
 
     # Watching again (a notebook cell run twice) replaces the watcher of the same optimizers.
     mine = [optimizer if optimizer is not None else getattr(model, "optimizer", None)]

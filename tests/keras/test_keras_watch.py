@@ -253,7 +253,7 @@ def test_custom_loops_log_gradients_and_eager_apply_gradients(tmp_path) -> None:
 
 
 def test_other_keras_backends_get_a_clear_error() -> None:
-    requires("torch")
+    # Keras 3's numpy backend (inference only) is not one normlog watches under
     script = textwrap.dedent(
         """
         import os, sys, tempfile
@@ -267,10 +267,10 @@ def test_other_keras_backends_get_a_clear_error() -> None:
         print("tensorflow imported:", "tensorflow" in sys.modules, "logdir made:", os.path.exists(logdir))
         """
     )
-    env = {**os.environ, "KERAS_BACKEND": "torch"}
+    env = {**os.environ, "KERAS_BACKEND": "numpy"}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
-    assert "supports Keras 3 with the TensorFlow backend" in result.stdout, result.stdout + result.stderr
-    assert "'torch'" in result.stdout
+    assert "supports Keras 3 with the TensorFlow, JAX or torch backend" in result.stdout, result.stdout + result.stderr
+    assert "'numpy'" in result.stdout
     # normlog.keras needs TensorFlow only for the TensorFlow backend, and refuses before any file
     assert "tensorflow imported: False logdir made: False" in result.stdout
 

@@ -14,7 +14,7 @@ import atexit
 import functools
 import os
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import numpy as np
@@ -31,7 +31,7 @@ from normlog.torch._engines import dense
 from normlog.torch._reduce import Reduction
 from normlog.writer import Writer
 
-__all__ = ["Watcher", "torch_optimizer", "unwatch", "watch"]
+__all__ = ["Watcher", "parameter_names", "renamed", "torch_optimizer", "unwatch", "watch"]
 
 Log = Literal["gradients", "parameters", "all"]
 
@@ -57,6 +57,64 @@ def torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:
         f"AcceleratedOptimizer, Lightning's LightningOptimizer); got {type(optimizer).__name__}. Pass the torch "
         "optimizer itself, or leave optimizer= out: every optimizer that updates the model's parameters is found"
     )
+
+
+def parameter_names(
+    names: Mapping[torch.Tensor, str] | None, params: list[tuple[str, nn.Parameter]]
+) -> dict[int, tuple[weakref.ref[nn.Parameter], str]]:
+    """Check `watch(names=...)` against the model's `params` (named as `named_parameters()`
+    names them): {id(parameter): (a weak reference to it, its name)}. Raises what to pass."""
+    if names is None:
+        return {}
+    if not isinstance(names, Mapping):
+        raise TypeError(
+            f"names= takes a mapping {{parameter: name}}, e.g. {{p: 'encoder.w' for ...}}; got {type(names).__name__}"
+        )
+    chosen: dict[int, tuple[weakref.ref[nn.Parameter], str]] = {}
+    for tensor, name in names.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(
+                f"names= is keyed by the parameter tensors themselves ({{parameter: name}}); got a key of type "
+                f"{type(tensor).__name__} ({tensor!r}). Pass {{p: name}} for p in model.parameters()"
+            )
+        if not isinstance(name, str):
+            raise TypeError(
+                f"names= maps each parameter to a str, its name in the tags; got {name!r} ({type(name).__name__})"
+            )
+        if not name:
+            raise ValueError("names= maps a parameter to '': give it a non-empty name (e.g. 'dense/kernel')")
+        chosen[id(tensor)] = (weakref.ref(tensor), name)  # type: ignore[arg-type]
+    known = {id(p) for _, p in params}
+    strangers = [name for key, (_, name) in chosen.items() if key not in known]
+    if strangers:
+        raise ValueError(
+            f"names= names {len(strangers)} tensor(s) that are not parameters of the model ({', '.join(strangers[:5])}"
+            f"{', ...' if len(strangers) > 5 else ''}): key it by the tensors model.parameters() yields"
+        )
+    renamed(chosen, params)
+    return chosen
+
+
+def renamed(
+    chosen: Mapping[int, tuple[weakref.ref[nn.Parameter], str]], params: list[tuple[str, nn.Parameter]]
+) -> list[tuple[str, nn.Parameter]]:
+    """`params` under the names `chosen` gives them (the others keep theirs). Two parameters
+    under one name would write into each other's tags: that raises ValueError."""
+    if not chosen:
+        return params
+    out = []
+    for name, param in params:
+        entry = chosen.get(id(param))
+        out.append((entry[1] if entry is not None and entry[0]() is param else name, param))
+    seen: dict[str, str] = {}
+    for (old, _), (new, _) in zip(params, out):
+        if new in seen:
+            raise ValueError(
+                f"names= would log two parameters as {new!r} (the model's {seen[new]!r} and {old!r}), and their "
+                "tags would mix: give each parameter its own name"
+            )
+        seen[new] = old
+    return out
 
 
 def _before_any_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -154,6 +212,7 @@ class Watcher:
         health: bool | Thresholds,
         health_via: Literal["warnings", "logging"],
         step: int = 0,
+        names: Mapping[torch.Tensor, str] | None = None,
     ) -> None:
         check_options(log, every, histogram_every, update_every)
         if not isinstance(step, int) or step < 0:
@@ -177,6 +236,8 @@ class Watcher:
         self._trainable: set[int] = set()
         dtensor = dtensor_type()
         params = list(unwrapped(model).named_parameters())
+        self._names = parameter_names(names, params)
+        params = renamed(self._names, params)
         self._sharded = dtensor is not None and any(isinstance(p, dtensor) for _, p in params)
         if self._sharded and optimizer is None:
             raise ValueError(
@@ -265,7 +326,7 @@ class Watcher:
             return
         params = list(unwrapped(model).named_parameters())
         if len(params) != len(self._params) or any(p is not q for (_, p), (_, q) in zip(params, self._params)):
-            self._follow(params)
+            self._follow(renamed(self._names, params))
 
     def _accepts(self, optimizer: torch.optim.Optimizer) -> bool:
         """Whether `optimizer`'s steps are this model's updates: the one passed as
@@ -591,6 +652,7 @@ def watch(
     health: bool | Thresholds = True,
     health_via: Literal["warnings", "logging"] = "warnings",
     per_rank: bool = False,
+    names: Mapping[torch.Tensor, str] | None = None,
 ) -> Watcher:
     """Log `model`'s gradient and weight norms every `every` steps and histograms every
     `histogram_every` steps, to `logdir` (or to `writer`).
@@ -626,13 +688,20 @@ def watch(
         health, health_via: the rules of `normlog.health` (pass `Thresholds` to tune them);
             findings come as HealthWarnings (or `logging` records) and under `health/`.
         per_rank: under torch.distributed, each rank writes `<logdir>/rank<k>`.
+        names: the name to log a parameter under, keyed by the parameter tensor itself
+            (`{model.fc.weight: "head/kernel"}`); every tag of that parameter (norms,
+            histograms, update ratios, NaN/Inf counts, findings) uses it. Parameters not in
+            it keep their `named_parameters()` name. Adapters that train a torch module
+            under other names (Keras' torch backend) pass their own.
 
     Returns:
         The `Watcher`; `unwatch()` it (or use it as a context manager).
 
     Raises:
-        TypeError: `model` is not an `nn.Module`, or `optimizer` is not a torch optimizer.
-        ValueError: a bad option, or an optimizer that updates none of the model's parameters.
+        TypeError: `model` is not an `nn.Module`, `optimizer` is not a torch optimizer, or
+            `names` is not a {parameter tensor: str} mapping.
+        ValueError: a bad option, an optimizer that updates none of the model's parameters,
+            or `names` naming a tensor that is not the model's, or two parameters alike.
 
     Example:
         >>> watcher = normlog.watch(model, "runs/exp1")  # doctest: +SKIP
@@ -650,6 +719,7 @@ def watch(
         raise ValueError("pass logdir or writer, not both")
     if optimizer is not None:
         torch_optimizer(optimizer)  # refuse what is not an optimizer before anything is made
+    parameter_names(names, list(unwrapped(model).named_parameters()))  # and names= that cannot be used
     previous = _WATCHERS.get(model)
     unwatch(model)
     start = step if step is not None else (previous.step if previous is not None else _STEPS.get(model, 0))
@@ -680,6 +750,7 @@ def watch(
             health=health,
             health_via=health_via,
             step=start,
+            names=names,
         )
     except BaseException:
         if owns_writer and writer is not None:

@@ -12,7 +12,7 @@ import pytest
 import normlog
 from helpers import requires
 from normlog import _step
-from normlog._overview import DepthHistory, draw_norm_by_depth
+from normlog._overview import DepthHistory, Pace, draw_norm_by_depth
 from normlog._watching import Guard
 from tests.tensorboard_server import row_bands
 
@@ -102,3 +102,24 @@ def test_normlog_plot_draws_the_same_picture_from_the_logs(tmp_path) -> None:
     target = tmp_path / "plot.png"
     assert main(["plot", str(tmp_path), "-o", str(target)]) == 0
     assert row_bands(target.read_bytes()) == len(names)
+
+
+def test_pace_keeps_drawing_to_its_share_of_one_core() -> None:
+    now = [0.0]
+    pace = Pace(share=0.1, clock=lambda: now[0])
+    assert pace.due()  # the first picture is always drawn
+    pace.start()
+    now[0] = 0.5
+    assert not pace.due()  # one is being drawn: the training thread never waits for it
+    pace.done()  # it took 0.5 s: the next is due 5 s after the last started
+    now[0] = 4.9
+    assert not pace.due()
+    now[0] = 5.0
+    assert pace.due()
+    pace.start()
+    now[0] = 5.1
+    pace.done()  # a faster picture: due again 1 s after it started
+    now[0] = 6.1
+    assert pace.due()
+    with pytest.raises(ValueError, match="fraction of one core"):
+        Pace(share=0)

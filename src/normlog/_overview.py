@@ -3,19 +3,21 @@
 Rules: numpy only at import; matplotlib is imported when a picture is drawn (`normlog[plot]`),
 never by `import normlog`. `DepthHistory` keeps a bounded, downsampled history (at most
 `2 * width` columns, whatever the run's length); `draw_norm_by_depth` is the one drawing
-function, shared by the Recorder's TensorBoard images and `normlog plot`.
+function, shared by the Recorder's TensorBoard images and `normlog plot`. `Pace` keeps the
+pictures' drawing to a bounded share of one core, however often histograms are logged.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-__all__ = ["NONFINITE_COLOR", "ZERO_COLOR", "DepthHistory", "Panel", "draw_norm_by_depth"]
+__all__ = ["NONFINITE_COLOR", "ZERO_COLOR", "DepthHistory", "Pace", "Panel", "draw_norm_by_depth"]
 
 # Special cells, apart from viridis' blue-green-yellow scale: NaN/Inf in red (the question
 # "where did the NaN appear" is answered by the leftmost red cell), an exact 0 in black
@@ -27,6 +29,39 @@ SEPARATED = 80  # up to this many rows, white lines part them (beyond, they woul
 WIDTH = 120  # columns kept: at 8 inches and 100 dpi, ~5 pixels a column
 # 800 pixels wide: TensorBoard's cards show ~400, so labels and colours still read at half size
 FIGURE_WIDTH = 8.0
+
+
+class Pace:
+    """Whether a picture is due: drawing takes ~0.1-1.5 s of CPU (more with more tensors), so
+    at `histogram_every=1` drawing at every step cost more than training (MobileNetV2 on CPU:
+    1.5 s a step). A picture is due when none is being drawn and, since the last one started,
+    at least `1 / share` times its drawing time has passed: drawing then takes at most `share`
+    of one core, whatever the histogram cadence. The first is always due."""
+
+    def __init__(self, share: float = 0.1, clock: Callable[[], float] = time.monotonic) -> None:
+        if not 0 < share <= 1:
+            raise ValueError(f"Pace: share is the fraction of one core pictures may take, in (0, 1]; got {share!r}")
+        self.share = share
+        self._clock = clock
+        self._started: float | None = None
+        self._took = 0.0
+        self._drawing = False
+
+    def due(self) -> bool:
+        if self._drawing:
+            return False
+        return self._started is None or self._clock() - self._started >= self._took / self.share
+
+    def start(self) -> None:
+        """A picture starts being drawn (call on the thread that decides)."""
+        self._started = self._clock()
+        self._drawing = True
+
+    def done(self) -> None:
+        """The picture is written (call on the drawing thread)."""
+        if self._started is not None:
+            self._took = self._clock() - self._started
+        self._drawing = False
 
 
 @dataclass

@@ -42,7 +42,7 @@ def _sources() -> dict[str, ast.Module]:
 
 # which folder of normlog may import each framework (Lightning and the Trainer are torch's)
 FRAMEWORKS = {
-    "torch": ("torch/",),
+    "torch": ("torch/", "keras/_torch.py"),  # Keras 3 on torch: the model is an nn.Module, an update a torch step
     "lightning": ("torch/",),
     "pytorch_lightning": ("torch/",),
     "transformers": ("torch/",),

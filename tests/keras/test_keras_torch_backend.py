@@ -141,6 +141,139 @@ SCENARIO = textwrap.dedent(
 )
 
 
+# Custom loops: an optimizer watched alone in a hand-written loop, and a GAN's two sub-models each
+# watched with its own optimizer (the discriminator's parameters get gradients from both losses).
+LOOPS = textwrap.dedent(
+    """
+    import json, os, sys, warnings
+    import numpy as np
+    import keras, torch
+    import normlog.keras
+
+    logdir, out = sys.argv[1], sys.argv[2]
+    results = {}
+    rng = np.random.default_rng(0)
+    x = torch.tensor(rng.normal(size=(32, 6)).astype("float32"))
+    y = torch.tensor(rng.normal(size=(32, 3)).astype("float32"))
+
+    def recorded(model, prefix):
+        seen = {}
+        for variable in model.trainable_weights:
+            name = prefix + variable.path.removeprefix(model.name + "/")
+            def hook(p, name=name):
+                seen.setdefault(name, []).append(float(p.grad.norm()))
+            variable.value.register_post_accumulate_grad_hook(hook)
+        return seen
+
+    # -- a hand-written loop (Keras' "training loop from scratch" for torch), watching the optimizer
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(4, name="dense")], name="loop")
+    optimizer = keras.optimizers.SGD(0.05)
+    watcher = normlog.keras.watch(optimizer, os.path.join(logdir, "loop"), log="gradients")
+    seen = recorded(model, "loop/")
+    for step in range(3):
+        model.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x[8 * step : 8 * step + 8])[:, :3], y[8 * step : 8 * step + 8])
+        loss.backward()
+        variables = model.trainable_weights
+        with torch.no_grad():
+            optimizer.apply([v.value.grad for v in variables], variables)
+    results["loop_step"] = watcher.step
+    watcher.unwatch()
+    results["loop_seen"] = seen
+
+    # -- a GAN: watch each sub-model with the optimizer that trains it, each in its own run
+    class Gan(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.generator = keras.Sequential([keras.Input((2,)), keras.layers.Dense(6, name="g")], name="generator")
+            self.discriminator = keras.Sequential([keras.Input((6,)), keras.layers.Dense(1, name="d")],
+                                                  name="discriminator")
+
+        def call(self, x):
+            return self.discriminator(x)
+
+        def compile(self, d_optimizer, g_optimizer):
+            super().compile()
+            self.d_optimizer, self.g_optimizer = d_optimizer, g_optimizer
+
+        def train_step(self, data):
+            real = data[0] if isinstance(data, tuple) else data
+            noise = torch.randn(real.shape[0], 2)
+            softplus = torch.nn.functional.softplus
+            self.zero_grad()
+            fake = self.generator(noise).detach()
+            d_loss = (softplus(-self.discriminator(real)) + softplus(self.discriminator(fake))).mean()
+            d_loss.backward()
+            d_vars = self.discriminator.trainable_weights
+            with torch.no_grad():
+                self.d_optimizer.apply([v.value.grad for v in d_vars], d_vars)
+            self.zero_grad()
+            g_loss = softplus(-self.discriminator(self.generator(noise))).mean()
+            g_loss.backward()  # the discriminator's parameters get gradients here too: not its update's
+            g_vars = self.generator.trainable_weights
+            with torch.no_grad():
+                self.g_optimizer.apply([v.value.grad for v in g_vars], g_vars)
+            return {"d_loss": d_loss.detach(), "g_loss": g_loss.detach()}
+
+    gan = Gan()
+    gan.compile(keras.optimizers.Adam(1e-3), keras.optimizers.Adam(1e-3))
+    d_seen = recorded(gan.discriminator, "")
+    g_seen = recorded(gan.generator, "")
+    watchers = [
+        normlog.keras.watch(gan.discriminator, logdir, optimizer=gan.d_optimizer, name="discriminator"),
+        normlog.keras.watch(gan.generator, logdir, optimizer=gan.g_optimizer, name="generator"),
+    ]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gan.fit(x.numpy(), batch_size=8, epochs=1, verbose=0, callbacks=watchers)
+    results["gan_steps"] = [w.step for w in watchers]
+    results["gan_warnings"] = [str(w.message) for w in caught if "normlog" in str(w.message)]
+    for w in watchers:
+        w.unwatch()
+    results["d_seen"], results["g_seen"] = d_seen, g_seen
+
+    # -- watched before it is built or compiled: the watcher starts when fit does
+    class Mlp(keras.Model):
+        def __init__(self):
+            super().__init__(name="late")
+            self.hidden = keras.layers.Dense(5, name="hidden")
+
+        def call(self, x):
+            return self.hidden(x)
+
+    late = Mlp()
+    late_watcher = normlog.keras.watch(late, os.path.join(logdir, "late"))
+    results["late_weights_at_watch"] = len(late.weights)
+    late.compile(optimizer="sgd", loss="mse")
+    late.fit(x.numpy(), np.zeros((32, 5), "float32"), batch_size=16, epochs=1, verbose=0, callbacks=[late_watcher])
+    results["late_step"] = late_watcher.step
+    late_watcher.unwatch()
+
+    # -- Keras' own clipping happens on copies inside apply, out of normlog's sight: said once
+    clipped = keras.Sequential([keras.Input((6,)), keras.layers.Dense(2)])
+    clipped.compile(optimizer=keras.optimizers.SGD(global_clipnorm=1.0), loss="mse")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        normlog.keras.watch(clipped, os.path.join(logdir, "clipped")).unwatch()
+    results["clip_warnings"] = [str(w.message) for w in caught if "normlog" in str(w.message)]
+
+    results["tensorflow_imported"] = "tensorflow" in sys.modules
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(results, f)
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def loops(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    base = tmp_path_factory.mktemp("keras_torch_loops")
+    logdir, out = base / "logs", base / "out"
+    out.mkdir()
+    run_on_torch([sys.executable, "-c", LOOPS, str(logdir), str(out)], base)
+    with open(out / "results.json") as f:
+        return {"results": json.load(f), "logdir": logdir}
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     base = tmp_path_factory.mktemp("keras_torch")
@@ -253,3 +386,45 @@ def test_the_example_runs_and_writes_its_logs(tmp_path) -> None:
         assert sorted(scalars(events, norm_tag("gradients", name))) == list(range(16))
     assert [e.step for e in events.Histograms(histogram_tag("gradients", "dense/kernel"))] == [0]
     assert sorted(scalars(events, ratio_tag("dense/kernel"))) == [0]
+
+
+def test_an_optimizer_watched_alone_in_a_hand_written_loop(loops) -> None:
+    results = loops["results"]
+    assert results["loop_step"] == 3
+    events = read_events(str(loops["logdir"] / "loop"))
+    for name in ("loop/dense/kernel", "loop/dense/bias"):  # no model to strip: the whole path
+        logged = scalars(events, norm_tag("gradients", name))
+        assert sorted(logged) == [0, 1, 2]
+        assert [logged[step] for step in range(3)] == pytest.approx(results["loop_seen"][name], rel=1e-6)
+    assert not [t for t in events.Tags()["scalars"] if t.startswith(norm_tag("parameters", ""))]  # log="gradients"
+
+
+def test_a_gans_sub_models_each_log_the_gradients_their_own_update_used(loops) -> None:
+    results = loops["results"]
+    assert results["gan_steps"] == [4, 4] and results["gan_warnings"] == []
+    discriminator = read_events(str(loops["logdir"] / "discriminator"))
+    generator = read_events(str(loops["logdir"] / "generator"))
+    for name in ("d/kernel", "d/bias"):
+        logged = scalars(discriminator, norm_tag("gradients", name))
+        # torch's hook fires twice a step on the discriminator (its loss, then the generator's):
+        # its update used the first
+        assert [logged[step] for step in range(4)] == pytest.approx(results["d_seen"][name][0::2], rel=1e-6)
+    for name in ("g/kernel", "g/bias"):
+        logged = scalars(generator, norm_tag("gradients", name))
+        assert [logged[step] for step in range(4)] == pytest.approx(results["g_seen"][name], rel=1e-6)
+    assert not [t for t in generator.Tags()["scalars"] if "/d/" in t]
+
+
+def test_a_model_watched_before_it_is_built_or_compiled_is_logged_from_its_first_step(loops) -> None:
+    assert loops["results"]["late_weights_at_watch"] == 0 and loops["results"]["late_step"] == 2
+    events = read_events(str(loops["logdir"] / "late"))
+    assert sorted(scalars(events, norm_tag("gradients", "hidden/kernel"))) == [0, 1]
+
+
+def test_keras_own_clipping_is_said_to_be_out_of_sight_once(loops) -> None:
+    (message,) = loops["results"]["clip_warnings"]
+    assert "global_clipnorm" in message and "before that clipping" in message
+
+
+def test_custom_loops_on_the_torch_backend_need_no_tensorflow(loops) -> None:
+    assert loops["results"]["tensorflow_imported"] is False

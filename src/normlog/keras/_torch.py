@@ -203,6 +203,14 @@ class Watcher(keras.callbacks.Callback):  # type: ignore[misc]
         if optimizer is None or any(optimizer is known for known in self._wrapped):
             return
         _refuse(optimizer)
+        clipping = [a for a in ("clipnorm", "global_clipnorm", "clipvalue") if getattr(optimizer, a, None) is not None]
+        if clipping:
+            self._guard.warn_once(
+                "keras-clipping",
+                f"normlog: {optimizer.name!r} clips inside apply ({clipping[0]}), on copies of the gradients: on the "
+                "torch backend normlog logs the gradients before that clipping, and global/grad_norm_clipped is "
+                "their norm unclipped, not the norm applied",
+            )
         original = optimizer.apply  # the class's bound method, or another wrapper
         reference = weakref.ref(self)  # the optimizer must not keep a dropped watcher alive
 

@@ -49,7 +49,7 @@ FRAMEWORKS = {
     "accelerate": ("torch/",),
     "keras": ("keras/",),
     "tensorflow": ("keras/",),
-    "jax": ("jax/", "keras/"),  # Keras 3 on the JAX backend computes its statistics with jax.numpy
+    "jax": ("jax/", "keras/_jax.py"),  # Keras 3 on the JAX backend computes its statistics with jax.numpy
     "optax": ("jax/",),
 }
 

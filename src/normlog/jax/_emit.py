@@ -1,0 +1,207 @@
+"""One watched set of JAX arrays: what a traced step computes on its logged steps, and what the
+host writes when the numbers arrive.
+
+Rules: jax only (no optax, no Keras); both `normlog.jax.watch` (optax) and the Keras adapter
+on the JAX backend log through `Emitter.trace`, so they write the same things. Work is done
+only on the steps it is due, inside `lax.cond`: statistics every `every` steps, histogram
+rows every `histogram_every`, update norms every `update_every`. The numbers reach the host
+through ordered `jax.debug.callback`s (float64 as uint32 pairs, `_stats.to_host`), where
+`normlog._step.Recorder` writes them: tags, findings and the writer call are its business.
+A failure on the host warns once (`Guard`); with strict=True it is raised in the step.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import io_callback
+
+from normlog._step import Group, Kind, Recorder, Updates
+from normlog._watching import Guard
+from normlog.health import Monitor
+from normlog.jax import _stats
+from normlog.writer import Writer
+
+__all__ = ["Emitter", "Schedule", "make_recorder", "path_name", "wait_for_host"]
+
+
+def wait_for_host() -> None:
+    """Return once every callback of the steps dispatched so far has run on the host."""
+    jax.effects_barrier()  # type: ignore[no-untyped-call]
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """What is logged, and how often (steps counted from the watcher's first step)."""
+
+    gradients: bool
+    parameters: bool
+    every: int
+    histogram_every: int | None
+    update_every: int | None
+    bins: int
+
+
+def path_name(path: Sequence[Any]) -> str:
+    """A pytree path as a tensor name: `{"dense": {"kernel": w}}` gives "dense/kernel", a
+    list's third item "2", an attribute its name."""
+    parts = []
+    for key in path:
+        for attribute in ("key", "name", "idx"):  # DictKey, GetAttrKey, SequenceKey / FlattenedIndexKey
+            if hasattr(key, attribute):
+                parts.append(str(getattr(key, attribute)))
+                break
+        else:
+            parts.append(str(key))
+    return "/".join(parts) or "value"
+
+
+def make_recorder(
+    writer: Writer,
+    guard: Guard,
+    bins: int,
+    monitor: Monitor | None,
+    health_via: Any,
+    histograms_after_finding: int,
+) -> Recorder:
+    """The Recorder of one watcher, with the burst of histograms after a finding where this
+    normlog's Recorder has it (`Recorder.histograms_wanted`)."""
+    options: dict[str, Any] = {}
+    if "histograms_after" in inspect.signature(Recorder).parameters:
+        options["histograms_after"] = histograms_after_finding
+    return Recorder(writer, guard, bins, monitor, health_via, **options)
+
+
+class Emitter:
+    """Logs the steps of one watched set of arrays: `trace` inside the traced step, the
+    callbacks on the host."""
+
+    def __init__(self, recorder: Recorder, guard: Guard, schedule: Schedule) -> None:
+        self.recorder = recorder
+        self.guard = guard
+        self.schedule = schedule
+        self._rows: dict[int, np.ndarray] = {}  # histogram rows that arrived before their step's numbers
+
+    # -- inside the traced step ------------------------------------------------------------
+
+    def trace(
+        self,
+        step: jax.Array,
+        names: Sequence[str],
+        grads: Sequence[jax.Array],
+        weights: Sequence[jax.Array] | None,
+        updates: Callable[[], Sequence[jax.Array]] | None,
+    ) -> None:
+        """Log step `step` (a traced int) of the arrays `names`: their gradients, their
+        weights before the update (None: not known) and, called only where update ratios
+        are due, the update each received (w_after - w_before)."""
+        plan = self.schedule
+        names = tuple(names)
+        if not names:
+            return
+        grads = list(grads) if plan.gradients else []
+        weights = list(weights) if plan.parameters and weights is not None else []
+        kinds: list[tuple[Kind, list[jax.Array]]] = [("gradients", grads)] if grads else []
+        kinds += [("parameters", weights)] if weights else []
+        if not kinds:
+            return
+        with _stats.x64():
+            stats_due = step % plan.every == 0
+            hist_due = step % plan.histogram_every == 0 if plan.histogram_every else jnp.bool_(False)
+            ratios = plan.update_every is not None and updates is not None and bool(weights)
+            update_due = step % plan.update_every == 0 if ratios and plan.update_every else jnp.bool_(False)
+            fused = {kind: _stats.fuse(arrays) for kind, arrays in kinds}
+            burst = bool(getattr(self.recorder, "histograms_after", 0)) and bool(kinds)
+            if burst:
+                # a burst of histograms after an exploding or nonfinite finding: the host knows
+                # (the findings of the steps before, whose callbacks ran first: they are
+                # ordered), so each logged step asks it
+                def ask(_: None) -> jax.Array:
+                    wanted = jax.ShapeDtypeStruct((), jnp.bool_)  # type: ignore[no-untyped-call]
+                    answer: jax.Array = io_callback(self._wanted, wanted, step, ordered=True)
+                    return answer
+
+                hist_due = hist_due | lax.cond(stats_due, ask, lambda _: jnp.bool_(False), None)
+
+            def statistics(_: None) -> jax.Array:
+                parts = []
+                for kind, arrays in kinds:
+                    sums = _stats.sums_of_squares(fused[kind], arrays)
+                    parts += [jnp.sqrt(sums), _stats.nonfinite(fused[kind], arrays, sums)]
+                return jnp.concatenate(parts)
+
+            def histograms(_: None) -> None:
+                rows = jnp.concatenate([_stats.rows(fused[kind], arrays, plan.bins) for kind, arrays in kinds])
+                jax.debug.callback(self._on_rows, step, _stats.to_host(rows), ordered=True)
+
+            def update_norms(_: None) -> jax.Array:
+                assert updates is not None
+                applied = list(updates())
+                sums = [_stats.sums_of_squares(fused["parameters"], part) for part in (applied, weights)]
+                return jnp.stack([jnp.sqrt(s) for s in sums])
+
+            def log(_: None) -> None:
+                if plan.histogram_every or burst:
+                    lax.cond(hist_due, histograms, lambda _: None, None)
+                size = 2 * len(names) * len(kinds)
+                values = lax.cond(stats_due, statistics, lambda _: jnp.zeros(size, jnp.float64), None)
+                update_values = (
+                    lax.cond(update_due, update_norms, lambda _: jnp.zeros((2, len(names)), jnp.float64), None)
+                    if ratios
+                    else jnp.zeros((2, 0), jnp.float64)
+                )
+                on_step = functools.partial(self._on_step, names, tuple(kind for kind, _ in kinds))
+                flags = jnp.stack([stats_due, update_due])
+                jax.debug.callback(
+                    on_step, step, flags, _stats.to_host(values), _stats.to_host(update_values), ordered=True
+                )
+
+            lax.cond(stats_due | hist_due | update_due, log, lambda _: None, None)
+
+    # -- on the host -----------------------------------------------------------------------
+
+    def _wanted(self, step: Any) -> np.ndarray:
+        wanted = self.guard.safely(lambda: self.recorder.histograms_wanted(int(step)))
+        return np.asarray(bool(wanted))
+
+    def _on_rows(self, step: Any, bits: Any) -> None:
+        def keep() -> None:
+            self._rows[int(step)] = _stats.from_host(bits)
+
+        self.guard.safely(keep, where=" reading the histogram rows")
+
+    def _on_step(
+        self, names: tuple[str, ...], kinds: tuple[Kind, ...], step: Any, flags: Any, values: Any, updates: Any
+    ) -> None:
+        self.guard.safely(lambda: self._record(names, kinds, int(step), np.asarray(flags), values, updates))
+
+    def _record(
+        self, names: tuple[str, ...], kinds: tuple[Kind, ...], step: int, flags: np.ndarray, bits: Any, update_bits: Any
+    ) -> None:
+        stats_due, update_due = bool(flags[0]), bool(flags[1])
+        count = len(names)
+        rows = self._rows.pop(step, None)
+        groups = []
+        values = _stats.from_host(bits) if stats_due else None
+        for k, kind in enumerate(kinds):
+            group = Group(kind, names)
+            if values is not None:
+                group.norms = values[2 * k * count : (2 * k + 1) * count]
+                group.nonfinite = values[(2 * k + 1) * count : (2 * k + 2) * count]
+            if rows is not None:
+                group.rows = rows[k * count : (k + 1) * count]
+            if group.norms is not None or group.rows is not None:
+                groups.append(group)
+        update = None
+        if update_due:
+            update_norms, weight_norms = _stats.from_host(update_bits)
+            update = Updates(names, update_norms, weight_norms)
+        self.recorder.record(step, groups, update)

@@ -337,3 +337,51 @@ def test_report_reads_the_old_and_the_new_scheme_alike(tmp_path) -> None:
         assert got_new.global_norm == pytest.approx(got_old.global_norm)
     assert new.steps[1].update_ratios == pytest.approx({"layer0.weight": 0.01, "layer0.bias": 0.01})
     assert "layer0.bias" not in new.steps[0].update_ratios  # a zero weight has no ratio
+
+
+def test_a_nonfinite_finding_starts_a_burst_and_the_kept_histograms_come_first(tmp_path) -> None:
+    rows = np.stack([_rows.core_row(np.arange(4.0) * (k + 1), 5) for k in range(3)])
+    asked: list[int] = []
+
+    def kept(step: int) -> list[tuple[int, list[_step.Group]]]:
+        asked.append(step)
+        return [(s, [_step.Group("gradients", NAMES, rows=rows)]) for s in (step - 1, step)]
+
+    wanted = {}
+    with normlog.Writer(tmp_path) as writer, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        record = _step.Recorder(writer, Guard(strict=True), 5, Monitor(), histograms_after=3, kept_histograms=kept)
+        assert record.histograms_until == -1 and not record.histograms_wanted(0)
+        for step in range(7):
+            norms = np.array([1.0, 1.0, math.nan if step == 2 else 1.0])
+            counts = np.array([0.0, 0.0, 3.0 if step == 2 else 0.0])
+            record.record(step, [_step.Group("gradients", NAMES, norms, counts)])
+            wanted[step] = [t for t in range(10) if record.histograms_wanted(t)]
+    assert wanted[1] == [] and wanted[2] == [3, 4, 5] and wanted[6] == [3, 4, 5]
+    assert record.histograms_until == 5
+    assert asked == [2]  # once, at the finding's step
+    # in the file: the kept histograms (steps 1 and 2) before step 2's own event
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    (path,) = [str(p) for p in tmp_path.iterdir() if p.name.startswith("events.out")]
+    order = [
+        (event.step, value.tag)
+        for event in EventFileLoader(path).Load()
+        for value in event.summary.value
+        if value.tag in (_step.histogram_tag("gradients", "out.weight"), _step.norm_tag("gradients", "out.weight"))
+    ]
+    histogram, norm = _step.histogram_tag("gradients", "out.weight"), _step.norm_tag("gradients", "out.weight")
+    assert order == [(0, norm), (1, norm), (1, histogram), (2, histogram), (2, norm), *((s, norm) for s in range(3, 7))]
+
+
+def test_without_a_burst_the_recorder_wants_no_histograms_and_refuses_a_bad_length(tmp_path) -> None:
+    with normlog.Writer(tmp_path) as writer, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        record = _step.Recorder(writer, Guard(strict=True), 5, Monitor(), histograms_after=0)
+        for step in range(4):
+            norms = np.array([1.0, 1.0, math.nan if step == 2 else 1.0])
+            record.record(step, [_step.Group("gradients", NAMES, norms, np.isnan(norms).astype(float))])
+        assert record.monitor is not None and [f.rule for f in record.monitor.findings] == ["nonfinite"]
+        assert record.histograms_until == -1 and not any(record.histograms_wanted(t) for t in range(6))
+        with pytest.raises(ValueError, match="histograms_after_finding must be an int >= 0"):
+            _step.Recorder(None, Guard(strict=True), 5, None, histograms_after=-1)

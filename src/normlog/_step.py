@@ -19,7 +19,7 @@ import re
 import threading
 import warnings
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -35,8 +35,10 @@ if TYPE_CHECKING:
     from normlog.writer import Writer
 
 __all__ = [
+    "BURST_RULES",
     "CLIPPED_GLOBAL_NORM",
     "GLOBAL_NORM",
+    "HISTOGRAMS_AFTER_FINDING",
     "LOSS_SCALE",
     "SKIPPED_STEP",
     "Group",
@@ -263,6 +265,16 @@ class Updates:
         }
 
 
+# The burst of histograms after a finding (`Recorder.histograms_wanted`): the rules whose
+# new episodes start one, and how many logged steps it lasts by default. The findings
+# benchmark (benchmarks/findings/RESULTS.md) finds exploding and nonfinite 0-4 logged steps
+# after their cause, so 5 steps show the aftermath (the NaN spreading, the norms recovering
+# or not) while the ring (`histograms_before_finding`) shows the steps before; an episode
+# re-arms only after `Thresholds.rearm_steps` (20) clean steps, so bursts cost at most 5
+# histogram steps per 25 logged steps of a run that keeps blowing up.
+BURST_RULES = ("exploding", "nonfinite")
+HISTOGRAMS_AFTER_FINDING = 5
+
 # Writer -> the recorders writing into it: two watched models in one run write the same tags.
 _RECORDERS: weakref.WeakKeyDictionary[Writer, weakref.WeakSet[Recorder]] = weakref.WeakKeyDictionary()
 
@@ -286,6 +298,18 @@ class Recorder:
     Besides each step's event it writes, once per run and again when new tensors appear,
     the Custom Scalars layout (`layout`), and at every histogram step and at `close` the
     norm-by-depth pictures (`normlog._overview`; skipped with one warning without matplotlib).
+
+    The histograms around a finding: when a new `exploding` or `nonfinite` episode begins at
+    step s (`BURST_RULES`), steps s+1 .. s+`histograms_after` are to carry histograms of
+    every tensor, whatever the adapter's histogram cadence: the adapter asks
+    `histograms_wanted(step)` before it reduces a step (`histograms_until` is the burst's
+    last step, -1 before any). An adapter that writes a step after it started the next ones
+    (torch on a GPU) learns of a burst late, and the first steps of it carry no histograms.
+    `kept_histograms(s)`, where given, returns the histogram rows the adapter kept of the
+    steps up to s that wrote none (its ring), as (step, groups) in step order; they are
+    written at their own steps before step s's event. Within each tag steps only ever
+    increase, so TensorBoard's reader, which drops a series' records at and after a step
+    that arrives again (its preemption rule), keeps every one.
     """
 
     def __init__(
@@ -295,8 +319,16 @@ class Recorder:
         bins: int,
         monitor: Monitor | None,
         health_via: Literal["warnings", "logging"] = "warnings",
+        histograms_after: int = 0,
+        kept_histograms: Callable[[int], Sequence[tuple[int, Sequence[Group]]]] | None = None,
     ) -> None:
+        if not isinstance(histograms_after, int) or isinstance(histograms_after, bool) or histograms_after < 0:
+            raise ValueError(f"histograms_after_finding must be an int >= 0 (0: no burst), got {histograms_after!r}")
         self.writer = writer
+        self.histograms_after = histograms_after
+        self.histograms_until = -1  # the last step of the current burst of histograms
+        self._burst_from = 0
+        self._kept_histograms = kept_histograms
         self.monitor = monitor
         self._guard = guard
         self._bins = bins
@@ -353,19 +385,13 @@ class Recorder:
         self._raise_drawing_failure()
         out = list(scalars)
         values = StepValues(step)
-        tags: list[str] = []
-        rows: list[np.ndarray] = []
-        judged = histogram_step = False
+        judged = False
         new = self._learn(groups, updates)
         for group in groups:
             if group.norms is not None:
                 judged = True
                 out += self._norms(step, group, values)
-            if group.rows is not None:
-                histogram_step = True
-                kept = group.rows[:, _rows.FINITE] > 0
-                tags += [histogram_tag(group.kind, name) for name, keep in zip(group.names, kept, strict=True) if keep]
-                rows.append(group.rows[kept])
+        histograms = self._histogram_rows(groups)
         if updates is not None:
             values.update_ratios = updates.ratios()
             out += [(ratio_tag(name), ratio) for name, ratio in values.update_ratios.items()]
@@ -377,14 +403,48 @@ class Recorder:
             self._last_step = step if self._last_step is None else max(step, self._last_step)
         if new:
             self.writer.add_custom_scalars(layout(self._names_by_kind(), list(self._ratios)), step)
-        histograms = HistogramRows(tags, np.concatenate(rows), self._bins) if tags else None
+        # the rules run before the step's event is written: the histograms kept of the steps
+        # before a finding must precede this step's own in the file (see the class docstring)
+        findings = self.monitor.observe(values) if judged and self.monitor is not None else []
+        self._burst(step, findings)
         if out or histograms is not None:
             self.writer.add_record(step, out, rows=histograms)
-        if judged and self.monitor is not None:
-            order = self._order
-            announce(self.monitor.observe(values), self.writer, self._health_via, order)
-        if histogram_step:
+        if findings:
+            announce(findings, self.writer, self._health_via, self._order)
+        # a burst's steps draw no pictures: each takes ~0.1-1 s, and the next waits for it
+        if any(group.rows is not None for group in groups) and not self.histograms_wanted(step):
             self._draw(step)
+
+    def histograms_wanted(self, step: int) -> bool:
+        """Whether `step` is in a burst of histograms after an exploding or nonfinite finding
+        (see the class docstring): the adapter then logs histograms of every tensor at it."""
+        return self._burst_from <= step <= self.histograms_until
+
+    def _burst(self, step: int, findings: Sequence[Finding]) -> None:
+        """A new exploding or nonfinite episode at `step`: the burst of histograms after it
+        starts (or lasts longer), and the histograms kept of the steps before it are written."""
+        if not any(finding.rule in BURST_RULES for finding in findings):
+            return
+        if self.histograms_after:
+            if step >= self.histograms_until:  # no burst going on: a new one
+                self._burst_from = step + 1
+            self.histograms_until = max(self.histograms_until, step + self.histograms_after)
+        if self._kept_histograms is not None and self.writer is not None:
+            for kept_step, kept_groups in self._kept_histograms(step):
+                rows = self._histogram_rows(kept_groups)
+                if rows is not None:
+                    self.writer.add_record(kept_step, rows=rows)
+
+    def _histogram_rows(self, groups: Sequence[Group]) -> HistogramRows | None:
+        """The histograms of `groups`' rows, one tag per tensor with a finite value."""
+        tags: list[str] = []
+        rows: list[np.ndarray] = []
+        for group in groups:
+            if group.rows is not None:
+                kept = group.rows[:, _rows.FINITE] > 0
+                tags += [histogram_tag(group.kind, name) for name, keep in zip(group.names, kept, strict=True) if keep]
+                rows.append(group.rows[kept])
+        return HistogramRows(tags, np.concatenate(rows), self._bins) if tags else None
 
     def _learn(self, groups: Sequence[Group], updates: Updates | None) -> bool:
         """Note the tensors of this step; whether any is new (the layout must be rewritten)."""

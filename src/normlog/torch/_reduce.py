@@ -11,6 +11,8 @@ unscaling changed the gradients in place: nothing read late may depend on their 
 
 from __future__ import annotations
 
+import threading
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +26,7 @@ from normlog.torch import _engines
 from normlog.torch._distributed import full_norms, full_rows, local
 from normlog.torch._engines import compiled_on_cpu, compiled_rows, multi_tensor_rows
 
-__all__ = ["Reduction"]
+__all__ = ["KeptRows", "Reduction"]
 
 
 @dataclass
@@ -57,6 +59,8 @@ class Reduction:
     # rows of the tensors whose NaN/Inf the torch-ops path recounted when the step started,
     # by tensor index: on the CPU that costs nothing, and the gradients may change later
     recounted: dict[int, np.ndarray] = field(default_factory=dict)
+    # the histogram rows were split off into the ring (`keep_rows`): `joined` has the norms only
+    rows_kept: bool = False
 
     @classmethod
     def start(
@@ -96,6 +100,32 @@ class Reduction:
         if pieces[0].device.type == "cpu" and not any(shards):
             reduction.recount_now()
         return reduction
+
+    def keep_rows(self) -> Reduction:
+        """Split the histogram rows off this step, for the ring: they stay on the device in
+        the Reduction returned (no copy: the pieces are this step's own), and from now on
+        `joined` takes only what the norms need. The ring's Reduction decodes as a
+        histogram step of its own."""
+        kept = Reduction(
+            step=self.step,
+            groups=[(kind, names, []) for kind, names, _ in self.groups],
+            tensors=[],
+            shards=self.shards,
+            pieces=list(self.pieces),
+            histograms=True,
+            bins=self.bins,
+            rows=self.rows,
+            order=self.order,
+            scale=self.scale,
+            recounted=self.recounted,
+        )
+        if self.rows:  # rows hold the sums of squares and NaN/Inf counts the norms come from
+            self.pieces = [piece[:, : _rows.HEAD] for piece in self.pieces]
+        else:  # the torch-ops path: the norms are the first piece
+            self.pieces = self.pieces[:1]
+        self.histograms = False
+        self.rows_kept = True
+        return kept
 
     def recount_now(self) -> None:
         """Recount the NaN/Inf of every tensor whose norm is not finite, now, while the
@@ -168,6 +198,12 @@ class Reduction:
             counted = np.zeros(count)
             for i in np.flatnonzero(~np.isfinite(norms)):
                 row = self.recounted.get(int(i))
+                if row is None and i >= len(self.tensors):
+                    # rows kept in the ring, read after the tensor changed: its NaN/Inf
+                    # spoiled the row and cannot be recounted now, so it has no histogram
+                    if rows is not None:
+                        rows[i, _rows.FINITE] = 0
+                    continue
                 if row is None:
                     tensor, shards = self.tensors[i], self.shards[i]
                     row = full_rows([tensor], [shards], self.bins, mask_nonfinite=True)[0].cpu().numpy()
@@ -192,3 +228,58 @@ class Reduction:
             names = [name for name, _ in self.updated]
             updates = Updates(names, update_norms, np.array([weights.get(n, np.nan) for n in names]))
         return groups, updates, applied
+
+
+class KeptRows:
+    """The ring of `watch(histograms_before_finding=K)`: the histogram rows of the latest
+    logged steps that wrote none, kept as their Reductions on the device where they were
+    computed (no host copy until they are written), at most `size + slack` of them, and
+    only of steps after the last one whose histograms were written, so that written at
+    their own steps they never arrive after a later step of the same tag. `slack` covers
+    the steps the training thread runs ahead of the writing thread (on a GPU). The writing
+    thread takes from it while the training thread adds to it: a lock guards it."""
+
+    def __init__(self, size: int, slack: int) -> None:
+        self.size = size
+        self._entries: deque[Reduction] = deque(maxlen=size + slack)
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def keep(self, kept: Reduction) -> None:
+        with self._lock:
+            self._entries.append(kept)
+
+    def take(self, step: int) -> list[Group] | None:
+        """The histograms kept of `step` (now to be written with it), or None."""
+        with self._lock:
+            found = next((kept for kept in self._entries if kept.step == step), None)
+            if found is not None:
+                self._entries.remove(found)
+        return None if found is None else _decoded(found)
+
+    def through(self, step: int) -> list[tuple[int, list[Group]]]:
+        """The histograms of the last `size` steps kept up to `step`, in step order, each as
+        (step, groups); every entry up to `step` leaves the ring."""
+        with self._lock:
+            chosen = [kept for kept in self._entries if kept.step <= step]
+            self._drop_through(step)
+        return [(kept.step, _decoded(kept)) for kept in chosen[-self.size :]]
+
+    def forget_through(self, step: int) -> None:
+        """Histograms were written at `step`: what was kept up to it can no longer be."""
+        with self._lock:
+            self._drop_through(step)
+
+    def _drop_through(self, step: int) -> None:
+        while self._entries and self._entries[0].step <= step:
+            self._entries.popleft()
+        for kept in [kept for kept in self._entries if kept.step <= step]:  # a step axis moved back
+            self._entries.remove(kept)
+
+
+def _decoded(kept: Reduction) -> list[Group]:
+    """A kept step's histogram rows, read to the host (the one copy), as histogram-only groups."""
+    groups, _, _ = kept.decode(kept.joined().cpu().numpy())
+    return [Group(group.kind, group.names, rows=group.rows) for group in groups]

@@ -23,12 +23,20 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 from torch.utils.hooks import RemovableHandle
 
-from normlog._step import CLIPPED_GLOBAL_NORM, LOSS_SCALE, SKIPPED_STEP, Kind, Recorder, run_directory
+from normlog._step import (
+    CLIPPED_GLOBAL_NORM,
+    HISTOGRAMS_AFTER_FINDING,
+    LOSS_SCALE,
+    SKIPPED_STEP,
+    Kind,
+    Recorder,
+    run_directory,
+)
 from normlog._watching import Background, Guard, check_options
 from normlog.health import Finding, Monitor, Thresholds
 from normlog.torch._distributed import dtensor_type, local, rank_and_world, unwrapped
 from normlog.torch._engines import dense
-from normlog.torch._reduce import Reduction
+from normlog.torch._reduce import KeptRows, Reduction
 from normlog.writer import Writer
 
 __all__ = ["Watcher", "parameter_names", "renamed", "torch_optimizer", "unwatch", "watch"]
@@ -213,8 +221,18 @@ class Watcher:
         health_via: Literal["warnings", "logging"],
         step: int = 0,
         names: Mapping[torch.Tensor, str] | None = None,
+        histograms_after_finding: int = HISTOGRAMS_AFTER_FINDING,
+        histograms_before_finding: int = 0,
     ) -> None:
         check_options(log, every, histogram_every, update_every)
+        if (
+            not isinstance(histograms_before_finding, int)
+            or isinstance(histograms_before_finding, bool)
+            or histograms_before_finding < 0
+        ):
+            raise ValueError(
+                f"histograms_before_finding must be an int >= 0 (0: no ring), got {histograms_before_finding!r}"
+            )
         if not isinstance(step, int) or step < 0:
             raise ValueError(f"step must be a non-negative int, got {step!r}")
         chosen = None if optimizer is None else torch_optimizer(optimizer)
@@ -269,7 +287,18 @@ class Watcher:
         self._background = Background()
         self._failure: Exception | None = None  # from the background, raised on the training thread
         monitor = Monitor(health if isinstance(health, Thresholds) else None) if health else None
-        self._recorder = Recorder(writer, self._guard, bins, monitor, health_via)
+        # the ring of histogram rows before a finding; the slack covers the logged steps the
+        # training thread can be ahead of the writing one (Background's queue, and the one it writes)
+        self._ring = KeptRows(histograms_before_finding, slack=3) if histograms_before_finding else None
+        self._recorder = Recorder(
+            writer,
+            self._guard,
+            bins,
+            monitor,
+            health_via,
+            histograms_after=histograms_after_finding,
+            kept_histograms=None if self._ring is None else self._ring.through,
+        )
         self._finalizer = weakref.finalize(
             self, _release, self._background, self._recorder, writer if owns_writer else None
         )
@@ -348,8 +377,12 @@ class Watcher:
         return every is not None and self.step % every == 0
 
     def _logged(self) -> tuple[bool, bool]:
-        """Whether this step logs anything, and whether it logs histograms."""
-        histograms = self._due(self._histogram_every)
+        """Whether this step logs anything, and whether it logs histograms: every
+        `histogram_every` steps, and in the burst after a finding. Sharded parameters' rows
+        take collectives every rank must join, and only rank 0 hears of findings: no bursts."""
+        histograms = self._due(self._histogram_every) or (
+            not self._sharded and self._recorder.histograms_wanted(self.step)
+        )
         updates = self._log_parameters and self._due(self._update_every)
         return self._due(self._every) or histograms or updates, histograms
 
@@ -524,8 +557,10 @@ class Watcher:
             groups.append(("activations", list(activations), list(activations.values())))
         if self.writer is None and not self._sharded:
             return None  # a rank that does not write, with nothing to add to the ranks that do
-        pending = Reduction.start(self.step, groups, with_grad, self._bins, histograms, self._sharded)
+        keep = self._ring is not None and not histograms  # rows for the ring, written only on a finding
+        pending = Reduction.start(self.step, groups, with_grad, self._bins, histograms or keep, self._sharded)
         if pending is not None:
+            pending.rows_kept = keep
             pending.versions = [(id(p.grad), p.grad._version) for _, p in with_grad]  # type: ignore[union-attr]
             scale = None if self._scaler is None or not self._scaler.is_enabled() else self._scaler._scale
             if scale is not None and self._in_step is None:  # gradients read in backward: still scaled
@@ -536,7 +571,10 @@ class Watcher:
         """The one device-to-host transfer of a logged step, then the writing. When nothing
         can need a recount (the rows of the Triton path) on a GPU, the copy goes to pinned
         memory without waiting, and a background thread waits for it and writes, while
-        training goes on; `unwatch`, `findings` and exit wait for that thread."""
+        training goes on; `unwatch`, `findings` and exit wait for that thread. Rows meant
+        for the ring go there, and stay on the device."""
+        if pending.rows_kept and self._ring is not None:
+            self._ring.keep(pending.keep_rows())
         joined = pending.joined()
         if pending.rows and joined.is_cuda:
             host = torch.empty(joined.shape, dtype=joined.dtype, pin_memory=True)
@@ -569,6 +607,13 @@ class Watcher:
 
     def _write(self, pending: Reduction, host: np.ndarray, scalars: list[tuple[str, float]]) -> None:
         groups, updates, applied = pending.decode(host)
+        ring = self._ring
+        if ring is not None and pending.rows_kept and self._recorder.histograms_wanted(pending.step):
+            # a burst that began after this step was reduced (the writing thread is behind
+            # the training one on a GPU): its rows, kept in the ring, are written with it
+            kept = ring.take(pending.step)
+            for group, kept_group in zip(groups, kept or groups, strict=True):
+                group.rows = kept_group.rows
         if applied is None and pending.versions and self._log_gradients:
             # the gradients were not changed after backward: the optimizer applied them as read
             gradients = next(g for g in groups if g.kind == "gradients")
@@ -576,6 +621,8 @@ class Watcher:
                 applied = float(np.sqrt(np.sum(np.square(gradients.norms))))
         extra = [*scalars, (CLIPPED_GLOBAL_NORM, applied)] if applied is not None else scalars
         self._recorder.record(pending.step, groups, updates, extra)
+        if ring is not None and any(group.rows is not None for group in groups):
+            ring.forget_through(pending.step)
 
     def flush(self) -> None:
         """Write out everything logged so far (a step still being written, the pictures being
@@ -653,6 +700,8 @@ def watch(
     health_via: Literal["warnings", "logging"] = "warnings",
     per_rank: bool = False,
     names: Mapping[torch.Tensor, str] | None = None,
+    histograms_after_finding: int = HISTOGRAMS_AFTER_FINDING,
+    histograms_before_finding: int = 0,
 ) -> Watcher:
     """Log `model`'s gradient and weight norms every `every` steps and histograms every
     `histogram_every` steps, to `logdir` (or to `writer`).
@@ -693,6 +742,20 @@ def watch(
             histograms, update ratios, NaN/Inf counts, findings) uses it. Parameters not in
             it keep their `named_parameters()` name. Adapters that train a torch module
             under other names (Keras' torch backend) pass their own.
+        histograms_after_finding: when an `exploding` or `nonfinite` finding begins at step
+            s, steps s+1 .. s+K log histograms of every tensor, whatever `histogram_every`
+            says (and are logged even where `every` skips them). Default 5: the findings
+            benchmark finds these rules 0-4 logged steps after their cause, and 5 steps show
+            the blow-up spreading or settling, at the cost of 5 histogram steps per episode;
+            0 turns it off. On a GPU, where a background thread writes the steps, a finding
+            is known once its step is written, up to 3 logged steps later: the burst's steps
+            reduced before that carry no histograms, unless the ring below kept them.
+        histograms_before_finding: K > 0 keeps the histogram rows of the last K logged steps
+            on the device (no copy to the host until written) and writes them at their own
+            steps when an exploding or nonfinite finding begins, so the steps before the
+            spike are there too. Every logged step then computes histograms (the cost is in
+            the README's table); only steps since the last histogram step are kept, so each
+            tag's steps stay in order and TensorBoard keeps them all. Default 0: off.
 
     Returns:
         The `Watcher`; `unwatch()` it (or use it as a context manager).
@@ -751,6 +814,8 @@ def watch(
             health_via=health_via,
             step=start,
             names=names,
+            histograms_after_finding=histograms_after_finding,
+            histograms_before_finding=histograms_before_finding,
         )
     except BaseException:
         if owns_writer and writer is not None:

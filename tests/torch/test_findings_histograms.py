@@ -178,6 +178,16 @@ def test_zero_turns_the_burst_off(tmp_path) -> None:
     assert {tuple(logged) for logged in histogram_steps(str(tmp_path)).values()} == {(0,)}
 
 
+def test_bad_burst_and_ring_options_are_refused_saying_what_to_pass(tmp_path) -> None:
+    model = mlp([4, 1], "cpu")
+    with pytest.raises(ValueError, match=r"histograms_after_finding must be an int >= 0"):
+        normlog.watch(model, str(tmp_path), histograms_after_finding=-1)
+    with pytest.raises(ValueError, match=r"histograms_before_finding must be an int >= 0"):
+        normlog.watch(model, str(tmp_path), histograms_before_finding=2.5)
+    with pytest.raises(ValueError, match=r"with health=False it would compute histograms every step for nothing"):
+        normlog.watch(model, str(tmp_path), health=False, histograms_before_finding=3)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_the_ring_writes_the_steps_before_an_exploding_finding_at_their_own_steps(tmp_path, device, cpu_engine) -> None:
     finding, seen = corrupted_batch(str(tmp_path), device, histograms_after_finding=3, histograms_before_finding=5)

@@ -233,6 +233,11 @@ class Watcher:
             raise ValueError(
                 f"histograms_before_finding must be an int >= 0 (0: no ring), got {histograms_before_finding!r}"
             )
+        if histograms_before_finding and not health:
+            raise ValueError(
+                "histograms_before_finding writes its ring when a health rule finds something: with health=False "
+                "it would compute histograms every step for nothing. Keep health on, or leave it at 0"
+            )
         if not isinstance(step, int) or step < 0:
             raise ValueError(f"step must be a non-negative int, got {step!r}")
         chosen = None if optimizer is None else torch_optimizer(optimizer)

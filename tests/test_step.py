@@ -12,7 +12,7 @@ import pytest
 
 import normlog
 from helpers import read_events, requires, scalars
-from normlog import _rows, _step
+from normlog import _overview, _rows, _step
 from normlog._watching import Guard
 from normlog.health import Monitor
 
@@ -259,16 +259,22 @@ def test_the_custom_scalars_layout_is_written_once_and_again_when_tensors_appear
     assert matched(charts[_step.GLOBAL_NORM]) == [_step.GLOBAL_NORM]
 
 
-def test_the_pictures_at_each_histogram_step_and_at_close(tmp_path) -> None:
+def test_the_pictures_at_each_histogram_step_and_at_close(tmp_path, monkeypatch) -> None:
     requires("matplotlib")
     from tests.tensorboard_server import row_bands
 
+    # a clock under the test's control: an hour passes between steps, so Pace finds every
+    # histogram step due once the last picture is written
+    now = [0.0]
+    monkeypatch.setattr(_overview, "monotonic", lambda: now[0])
     rows = np.stack([_rows.core_row(np.arange(4.0) + i, 5) for i in range(3)])
     with normlog.Writer(tmp_path) as writer:
         record = recorder(writer, health=False)
         for step in range(12):
             group = _step.Group("gradients", NAMES, 10.0 ** -np.arange(3.0), rows=rows if step % 5 == 0 else None)
             record.record(step, [group], _step.Updates(NAMES, np.ones(3), np.ones(3)))
+            record.wait_for_drawing()
+            now[0] += 3600.0
         record.close()
         record.close()  # a second close draws nothing more
     events = read_events(str(tmp_path))
@@ -277,6 +283,34 @@ def test_the_pictures_at_each_histogram_step_and_at_close(tmp_path) -> None:
         assert [image.step for image in images] == [0, 5, 10, 11]
         assert images[-1].width == 800
         assert row_bands(images[-1].encoded_image_string) == len(NAMES)
+
+
+def test_pictures_take_a_bounded_share_of_a_core_and_the_last_step_is_always_drawn(tmp_path, monkeypatch) -> None:
+    """With histograms every step, a clock that moves 0.5 s a step and a picture that takes
+    0.5 s of it, Pace (a tenth of one core) draws every 9th step; close draws the last."""
+    requires("matplotlib")
+    now = [0.0]
+    monkeypatch.setattr(_overview, "monotonic", lambda: now[0])
+    real = _overview.draw_norm_by_depth
+
+    def slow(*args: object, **kwargs: object) -> object:
+        now[0] += 0.5
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(_step, "draw_norm_by_depth", slow)
+    rows = np.stack([_rows.core_row(np.arange(4.0) + i, 5) for i in range(3)])
+    with normlog.Writer(tmp_path) as writer:
+        record = recorder(writer, health=False)
+        for step in range(50):
+            record.record(step, [_step.Group("gradients", NAMES, 10.0 ** -np.arange(3.0), rows=rows)])
+            record.wait_for_drawing()
+            now[0] += 0.5
+        record.close()
+    steps = [image.step for image in read_events(str(tmp_path)).Images(_step.image_tag("grad_norm"))]
+    assert steps[0] == 0 and steps[-1] == 49
+    # each picture takes 0.5 s: the next is due 5 s after it started, 9 steps and a picture
+    # later (the steps' 4.5 s and its own 0.5 s); close draws step 49
+    assert steps == [0, 9, 18, 27, 36, 45, 49]
 
 
 def test_without_matplotlib_the_pictures_are_skipped_with_one_warning(tmp_path, monkeypatch) -> None:

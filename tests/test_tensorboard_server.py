@@ -70,11 +70,14 @@ def test_the_layout_puts_every_tensor_on_one_chart_per_kind_in_model_order(serve
     assert {tag for regexes in charts.values() for tag in matched(regexes)} == scalar_tags
 
 
-def test_the_norm_by_depth_images_at_each_histogram_step_and_the_last_with_a_row_per_tensor(served) -> None:
+def test_the_norm_by_depth_images_at_histogram_steps_and_the_last_with_a_row_per_tensor(served) -> None:
     server, reference = served
     for statistic in ("grad_norm", "update_ratio"):
         images = server.get("/data/plugin/images/images", run=RUN, tag=_step.image_tag(statistic), sample=0)
-        assert [image["step"] for image in images] == [*HISTOGRAM_STEPS, reference["steps"] - 1]
+        steps = [image["step"] for image in images]
+        # the first histogram step and the last step always; between, as Pace allows
+        assert steps[0] == HISTOGRAM_STEPS[0] and steps[-1] == reference["steps"] - 1
+        assert set(steps[1:-1]) <= set(HISTOGRAM_STEPS), steps
         last = server.get(f"/data/plugin/images/individualImage?{images[-1]['query']}")
         assert last.startswith(b"\x89PNG")
         assert row_bands(last) == len(reference["names"])

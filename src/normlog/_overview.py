@@ -10,9 +10,9 @@ pictures' drawing to a bounded share of one core, however often histograms are l
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from time import monotonic
 from typing import Any
 
 import numpy as np
@@ -38,11 +38,11 @@ class Pace:
     at least `1 / share` times its drawing time has passed: drawing then takes at most `share`
     of one core, whatever the histogram cadence. The first is always due."""
 
-    def __init__(self, share: float = 0.1, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, share: float = 0.1, clock: Callable[[], float] | None = None) -> None:
         if not 0 < share <= 1:
             raise ValueError(f"Pace: share is the fraction of one core pictures may take, in (0, 1]; got {share!r}")
         self.share = share
-        self._clock = clock
+        self._clock = clock if clock is not None else monotonic
         self._started: float | None = None
         self._took = 0.0
         self._drawing = False

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from normlog import _rows
-from normlog._overview import DepthHistory, Panel, draw_norm_by_depth, matplotlib_available
+from normlog._overview import DepthHistory, Pace, Panel, draw_norm_by_depth, matplotlib_available
 from normlog._rows import HistogramRows
 from normlog.health import Finding, HealthWarning, Monitor, StepValues
 
@@ -296,8 +296,9 @@ class Recorder:
     already writes into warns: both would write the same tags (pass `name=` to each).
 
     Besides each step's event it writes, once per run and again when new tensors appear,
-    the Custom Scalars layout (`layout`), and at every histogram step and at `close` the
-    norm-by-depth pictures (`normlog._overview`; skipped with one warning without matplotlib).
+    the Custom Scalars layout (`layout`), and at histogram steps (paced by `Pace`: at most a
+    tenth of one core) and at `close` the norm-by-depth pictures (`normlog._overview`;
+    skipped with one warning without matplotlib).
 
     The histograms around a finding: when a new `exploding` or `nonfinite` episode begins at
     step s (`BURST_RULES`), steps s+1 .. s+`histograms_after` are to carry histograms of
@@ -344,6 +345,7 @@ class Recorder:
         # The pictures are drawn off the training thread (matplotlib takes ~0.1-1 s a picture),
         # one picture step at a time: the next waits for the last, so memory stays bounded.
         self._drawing: threading.Thread | None = None  # started per picture step, gone when done
+        self._pace = Pace()  # at most a tenth of one core: a picture step is skipped, never waited for
         self._drawing_failure: Exception | None = None
         if writer is not None:
             others = _RECORDERS.setdefault(writer, weakref.WeakSet())
@@ -363,7 +365,9 @@ class Recorder:
             return
         self._closed = True
         if self.writer is not None and self._last_step is not None and self._drawn_at != self._last_step:
-            self._guard.safely(lambda: self._draw(self._last_step or 0), where=" drawing the norm-by-depth picture")
+            self._guard.safely(
+                lambda: self._draw(self._last_step or 0, last=True), where=" drawing the norm-by-depth picture"
+            )
         self.wait_for_drawing()
         self._raise_drawing_failure()
         if self.writer is not None and self.writer in _RECORDERS:
@@ -467,10 +471,14 @@ class Recorder:
     def _names_by_kind(self) -> dict[Kind, Sequence[str]]:
         return {kind: list(names) for kind, names in self._names.items()}
 
-    def _draw(self, step: int) -> None:
+    def _draw(self, step: int, last: bool = False) -> None:
         """The norm-by-depth pictures of the run so far, at `step`: their data is taken here,
-        and they are drawn and written by the drawing thread."""
+        and they are drawn and written by the drawing thread. A histogram step draws them when
+        `Pace` says so (drawing takes at most a tenth of one core, and the training thread never
+        waits for it); the `last` step's, at close, always."""
         assert self.writer is not None
+        if not last and not self._pace.due():
+            return
         self._drawn_at = step
         histories = [
             (self._grad_history, "grad_norm", "gradient norm"),
@@ -490,6 +498,7 @@ class Recorder:
             )
             return
         self.wait_for_drawing()
+        self._pace.start()
         self._drawing = threading.Thread(
             target=self._draw_panels, args=(self.writer, panels, step), name="normlog-pictures", daemon=True
         )
@@ -516,6 +525,8 @@ class Recorder:
                 self._drawing_failure = error
             else:
                 self._guard.warn_once("drawing", f"normlog: drawing the norm-by-depth picture failed: {error!r}")
+        finally:
+            self._pace.done()
 
     def _raise_drawing_failure(self) -> None:
         failure, self._drawing_failure = self._drawing_failure, None

@@ -149,6 +149,7 @@ LOOPS = textwrap.dedent(
     import numpy as np
     import keras, torch
     import normlog.keras
+    from normlog.health import Thresholds
 
     logdir, out = sys.argv[1], sys.argv[2]
     results = {}
@@ -248,6 +249,39 @@ LOOPS = textwrap.dedent(
     late.fit(x.numpy(), np.zeros((32, 5), "float32"), batch_size=16, epochs=1, verbose=0, callbacks=[late_watcher])
     results["late_step"] = late_watcher.step
     late_watcher.unwatch()
+
+    # -- a gradient that explodes at step 4 brings histograms at the steps after it
+    blown = keras.Sequential([keras.Input((6,)), keras.layers.Dense(4, name="dense")], name="blown")
+    blown.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse")  # Adam's step stays small
+    inputs = x.numpy().copy()
+    inputs[16:20] *= 1e6  # the fifth batch of four
+    thresholds = Thresholds(explode_bound=1e3, explode_early_factor=1e9)  # the bound alone
+    blown_watcher = normlog.keras.watch(blown, os.path.join(logdir, "blown"), histogram_every=None, health=thresholds)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the finding's own warning
+        blown.fit(
+            inputs, np.zeros((32, 4), "float32"), batch_size=4, shuffle=False, verbose=0, callbacks=[blown_watcher]
+        )
+    results["blown_findings"] = [(f.rule, f.step) for f in blown_watcher.findings]
+    blown_watcher.unwatch()
+
+    # -- gradients that never went through .grad (torch.autograd.grad) are said to be unseen
+    grad_model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(3, name="dense")], name="autograd")
+    grad_optimizer = keras.optimizers.SGD(0.01)
+    grad_watcher = normlog.keras.watch(grad_optimizer, os.path.join(logdir, "autograd"))
+    variables = grad_model.trainable_weights
+    torch.nn.functional.mse_loss(grad_model(x[:8]), y[:8]).backward()  # a step as Keras' trainer takes it
+    with torch.no_grad():
+        grad_optimizer.apply([v.value.grad for v in variables], variables)
+    grad_model.zero_grad()
+    loss = torch.nn.functional.mse_loss(grad_model(x[8:16]), y[8:16])
+    grads = torch.autograd.grad(loss, [v.value for v in variables])  # then one that leaves .grad alone
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.no_grad():
+            grad_optimizer.apply(list(grads), variables)
+    results["autograd_warnings"] = [str(w.message) for w in caught if "normlog" in str(w.message)]
+    grad_watcher.unwatch()
 
     # -- Keras' own clipping happens on copies inside apply, out of normlog's sight: said once
     clipped = keras.Sequential([keras.Input((6,)), keras.layers.Dense(2)])
@@ -424,6 +458,18 @@ def test_a_model_watched_before_it_is_built_or_compiled_is_logged_from_its_first
 def test_keras_own_clipping_is_said_to_be_out_of_sight_once(loops) -> None:
     (message,) = loops["results"]["clip_warnings"]
     assert "global_clipnorm" in message and "before that clipping" in message
+
+
+def test_an_exploding_gradient_brings_histograms_at_the_steps_after_it(loops) -> None:
+    assert ("exploding", 4) in [tuple(f) for f in loops["results"]["blown_findings"]]
+    events = read_events(str(loops["logdir"] / "blown"))
+    # histogram_every=None: only the burst after the finding (histograms_after_finding=5), cut at the last step
+    assert [e.step for e in events.Histograms(histogram_tag("gradients", "dense/kernel"))] == [5, 6, 7]
+
+
+def test_gradients_that_never_reached_dot_grad_are_said_to_be_unseen(loops) -> None:
+    (message,) = loops["results"]["autograd_warnings"]
+    assert "autograd/dense/kernel" in message and "loss.backward()" in message
 
 
 def test_custom_loops_on_the_torch_backend_need_no_tensorflow(loops) -> None:

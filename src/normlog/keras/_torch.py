@@ -10,7 +10,6 @@ adapter where each update begins and ends. This file imports torch and Keras, ne
 
 from __future__ import annotations
 
-import inspect
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Sequence
@@ -111,7 +110,7 @@ class Watcher(keras.callbacks.Callback):  # type: ignore[misc]
         self._fixed_optimizer = optimizer is not None
         self._first_step = step
         self._guard = Guard(strict)
-        options: dict[str, Any] = dict(
+        self._options: dict[str, Any] = dict(
             log=log,
             every=every,
             histogram_every=histogram_every,
@@ -120,10 +119,8 @@ class Watcher(keras.callbacks.Callback):  # type: ignore[misc]
             strict=strict,
             health=health,
             health_via=health_via,
+            histograms_after_finding=histograms_after_finding,
         )
-        if "histograms_after_finding" in inspect.signature(normlog.torch.watch).parameters:
-            options["histograms_after_finding"] = histograms_after_finding
-        self._options = options
         self._wrapped: list[Any] = []  # the Keras optimizers whose apply runs through the stand-in
         self._update: _KerasUpdate | None = None
         self._holder: torch.nn.Module | None = None  # what the PyTorch adapter watches for a lone optimizer

@@ -419,3 +419,21 @@ def test_without_a_burst_the_recorder_wants_no_histograms_and_refuses_a_bad_leng
         assert record.histograms_until == -1 and not any(record.histograms_wanted(t) for t in range(6))
         with pytest.raises(ValueError, match="histograms_after_finding must be an int >= 0"):
             _step.Recorder(None, Guard(strict=True), 5, None, histograms_after=-1)
+
+
+def test_shapes_and_the_updated_tensors_reach_the_health_rules(tmp_path) -> None:
+    seen = []
+
+    class Watching(Monitor):
+        def observe(self, values):  # type: ignore[no-untyped-def]
+            seen.append((values.owned, dict(values.ndims)))
+            return super().observe(values)
+
+    ndims = {"layer0.weight": 2, "layer0.bias": 1, "out.weight": 2}
+    with normlog.Writer(tmp_path) as writer:
+        record = _step.Recorder(writer, Guard(strict=True), 5, Watching())
+        ones = np.ones(3)
+        record.record(0, [_step.Group("gradients", NAMES, ones, ndims=ndims)])
+        record.record(1, [_step.Group("gradients", NAMES, ones)], _step.Updates(NAMES[:2], ones[:2], ones[:2]))
+    assert seen == [(None, ndims), ({"layer0.weight", "layer0.bias"}, {})]
+    assert record.monitor is not None and record.monitor.state_dict()["ndims"] == ndims  # kept once given

@@ -3,7 +3,7 @@ realistic PyTorch runs, healthy and broken (see scenarios.py), three seeds each.
 
     python benchmarks/findings/bench.py            # record what is not cached, then score
     python benchmarks/findings/bench.py --record   # record every run again
-    python benchmarks/findings/bench.py --names-only   # as `normlog report` sees a run today
+    python benchmarks/findings/bench.py --names-only   # as `normlog report` sees a run: no shapes
 
 It prints one row per rule (findings, true ones, precision; required problems, found ones,
 recall; median delay in logged steps from cause to finding) and the number of healthy runs
@@ -87,8 +87,9 @@ def record(name: str, seed: int) -> tuple[str, int, float]:
 
 
 def steps(name: str, seed: int, names_only: bool = False) -> list[StepValues]:
-    """The trace as the StepValues an adapter gives the Monitor; `names_only` leaves out what
-    the event files do not hold today (shapes, which tensors the optimizer owns)."""
+    """The trace as the StepValues an adapter gives the Monitor; `names_only` as `normlog
+    report` reads them back from the event files: no shapes, and update ratios only of the
+    tensors the optimizer owns (the adapters write no others), which report takes as owned."""
     with np.load(_path(name, seed)) as npz:
         return values_of({key: npz[key].tolist() for key in npz.files}, names_only)
 
@@ -111,8 +112,11 @@ def values_of(trace: dict[str, Any], names_only: bool = False) -> list[StepValue
             values.weight_norms[n] = weights[i]
             if bad_weights[i]:
                 values.weight_nonfinite[n] = bad_weights[i]
-            values.update_ratios[n] = trace["update_ratio"][s][i]
-        if not names_only:
+            if not names_only or n in owned:
+                values.update_ratios[n] = trace["update_ratio"][s][i]
+        if names_only:
+            values.owned = set(values.update_ratios)  # as normlog.report sets it
+        else:
             values.owned = owned
             values.ndims = ndims
         out.append(values)
@@ -223,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--record", action="store_true", help="record every run again")
     parser.add_argument("--only", nargs="*", help="scenario names (default: all)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--names-only", action="store_true", help="without shapes and optimizer ownership")
+    parser.add_argument("--names-only", action="store_true", help="as normlog report reads a run: without shapes")
     parser.add_argument("--details", action="store_true", help="list every false finding and miss")
     args = parser.parse_args(argv)
     chosen = [s for s in scenarios.SCENARIOS if not args.only or s.name in args.only]

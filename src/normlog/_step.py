@@ -238,18 +238,22 @@ class Group:
     """One kind of tensor at one logged step, in model order. `norms` are L2 norms (NaN if
     a value is NaN, else inf if one is infinite), or None where only histograms are due;
     `nonfinite` counts NaN and ±Inf per tensor (None: none counted, every norm finite);
-    `rows` are histogram rows (`normlog._rows`) of the finite values, or None."""
+    `rows` are histogram rows (`normlog._rows`) of the finite values, or None. `ndims` gives
+    each tensor's number of dimensions by name, where the adapter knows its shape (None: the
+    health rules guess a 1-D bias or gain from its name)."""
 
     kind: Kind
     names: Sequence[str]
     norms: np.ndarray | None = None
     nonfinite: np.ndarray | None = None
     rows: np.ndarray | None = None
+    ndims: Mapping[str, int] | None = None
 
 
 @dataclass
 class Updates:
-    """One optimizer step's update norms ‖w_after - w_before‖ and weight norms ‖w_before‖."""
+    """One optimizer step's update norms ‖w_after - w_before‖ and weight norms ‖w_before‖, of
+    the tensors the optimizer updates (owns): the health rules judge no other as stalled."""
 
     names: Sequence[str]
     update_norms: np.ndarray
@@ -395,8 +399,11 @@ class Recorder:
             if group.norms is not None:
                 judged = True
                 out += self._norms(step, group, values)
+            if group.ndims is not None and group.kind != "activations":
+                values.ndims.update(group.ndims)
         histograms = self._histogram_rows(groups)
         if updates is not None:
+            values.owned = set(updates.names)
             values.update_ratios = updates.ratios()
             out += [(ratio_tag(name), ratio) for name, ratio in values.update_ratios.items()]
             self._ratio_history.add(step, list(values.update_ratios), list(values.update_ratios.values()))

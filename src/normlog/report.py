@@ -134,6 +134,12 @@ def _load_run(directory: str, name: str) -> tuple[Run, list[str]]:
     for values in steps:  # the model's order, as the adapters logged them
         values.grad_norms = _in_order(values.grad_norms, tensors)
         values.weight_norms = _in_order(values.weight_norms, tensors)
+        # The adapters measure update ratios of the tensors an optimizer updates only, so the
+        # tensors with a ratio are the ones it owned (`StepValues.owned`), as online. Shapes
+        # (`StepValues.ndims`) are not in the event files: 1-D biases and gains are guessed
+        # from their names here, where the adapters know them.
+        if values.update_ratios:
+            values.owned = set(values.update_ratios)
     return Run(name, steps, list(tensors), evaluate(steps)), problems
 
 

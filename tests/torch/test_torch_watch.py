@@ -593,3 +593,79 @@ def test_on_a_gpu_a_failure_in_the_background_writing_warns_once_or_raises_when_
             steps()
         messages = [str(w.message) for w in caught if "logging failed" in str(w.message)]
         assert len(messages) == 1 and watcher.step == 3
+
+
+class WithExcludedEmbedding(nn.Module):
+    """A pretrained embedding the optimizer leaves out (it still gets gradients), then an MLP."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(20, 6)
+        self.mlp = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 1))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.embed(tokens).mean(1))
+
+
+def test_a_tensor_left_out_of_the_optimizer_has_no_update_ratio_and_is_never_stalled(tmp_path) -> None:
+    from normlog.report import load_runs
+
+    model = WithExcludedEmbedding()
+    optimizer = torch.optim.Adam(model.mlp.parameters(), 1e-3)
+    generator = torch.Generator().manual_seed(0)
+    with normlog.watch(model, str(tmp_path), update_every=1) as watcher:
+        for _ in range(8):
+            tokens, y = torch.randint(0, 20, (32, 5), generator=generator), torch.randn(32, 1, generator=generator)
+            optimizer.zero_grad()
+            nn.functional.mse_loss(model(tokens), y).backward()
+            assert model.embed.weight.grad.norm() > 0  # its gradient is fine: only the optimizer leaves it out
+            optimizer.step()
+        online = watcher.findings
+    events = read_events(str(tmp_path))
+    assert ratio_tag("embed.weight") not in events.Tags()["scalars"]
+    assert sorted(scalars(events, ratio_tag("mlp.0.weight"))) == list(range(8))
+    assert sorted(scalars(events, norm_tag("gradients", "embed.weight"))) == list(range(8))
+    (run,), _ = load_runs(str(tmp_path))
+    assert [f for f in online if f.rule == "stalled"] == [] == [f for f in run.findings if f.rule == "stalled"]
+    assert all(
+        values.owned in (None, {"mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias"}) for values in run.steps
+    )
+
+
+class Gained(nn.Module):
+    """A 1-D gain whose name says nothing of its shape, large beside its small gradient, as a
+    LayerNorm gain's ‖grad‖/‖weight‖ is small because its weight is all ones."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj = nn.Linear(6, 16)
+        self.amplitude = nn.Parameter(torch.full((16,), 1e4))
+        self.head = nn.Linear(16, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.proj(x)) * self.amplitude * 1e-4)
+
+
+def test_the_health_rules_know_each_tensors_shape_where_report_guesses_it_from_the_name(tmp_path) -> None:
+    from normlog.report import load_runs
+
+    model = Gained()
+    optimizer = torch.optim.SGD(model.parameters(), 1e-3)
+    quick = normlog.health.Thresholds(vanish_steps=5)
+    with normlog.watch(model, str(tmp_path), health=quick) as watcher:
+        for step in range(10):
+            optimizer.zero_grad()
+            x, y = batch(step)
+            nn.functional.mse_loss(model(x), y).backward()
+            ratio = (model.amplitude.grad.norm() / model.amplitude.norm()).item()
+            assert ratio < 1e-3  # tiny, because the weight is large
+            optimizer.step()
+        online = watcher.findings
+    # online, amplitude is known to be 1-D: a gain, never vanishing while its matrix learns
+    assert [f for f in online if f.rule == "vanishing"] == []
+    # the event files hold no shapes: read back, the same norms make it look like a matrix
+    (run,), _ = load_runs(str(tmp_path))
+    again = normlog.health.evaluate(run.steps, quick)
+    assert [(f.rule, f.tensor) for f in again] == [("vanishing", "amplitude")]

@@ -61,6 +61,8 @@ class Reduction:
     recounted: dict[int, np.ndarray] = field(default_factory=dict)
     # the histogram rows were split off into the ring (`keep_rows`): `joined` has the norms only
     rows_kept: bool = False
+    # each parameter's number of dimensions, by name, for the health rules (1-D gains and biases)
+    ndims: dict[str, int] | None = None
 
     @classmethod
     def start(
@@ -220,7 +222,8 @@ class Reduction:
                     group_rows = group_rows.copy()
                     group_rows[:, [_rows.MIN, _rows.MAX, _rows.SUM]] /= scale
                     group_rows[:, _rows.SUM_SQUARES] /= scale * scale
-            groups.append(Group(kind, names, group_norms, counted[start:stop], group_rows))
+            ndims = None if kind == "activations" else self.ndims
+            groups.append(Group(kind, names, group_norms, counted[start:stop], group_rows, ndims))
             start = stop
         updates = None
         if update_norms.size:

@@ -256,6 +256,7 @@ class Watcher:
         self._grad_hooks: dict[int, RemovableHandle] = {}  # id(parameter) -> its hook
         # named as in the model itself, so one GPU and many give the same tags
         self._params: list[tuple[str, nn.Parameter]] = []
+        self._ndims: dict[str, int] = {}  # each parameter's number of dimensions, by name
         self._trainable: set[int] = set()
         dtensor = dtensor_type()
         params = list(unwrapped(model).named_parameters())
@@ -342,6 +343,7 @@ class Watcher:
                 "logging the model's parameters as they are now",
             )
         self._params = params
+        self._ndims = {name: p.ndim for name, p in params}  # a new dict: steps being written keep theirs
         self._trainable = {id(p) for _, p in params if p.requires_grad}
         self._accepted = weakref.WeakKeyDictionary()
         for key in [key for key in self._grad_hooks if key not in self._trainable]:
@@ -459,10 +461,14 @@ class Watcher:
             # gradients that no hook saw arrive: FSDP2's, or ones set by hand; read them now
             self._pending, self._fresh = self._reduce(), True
         self._before = None
-        if self._log_parameters and self._due(self._update_every):
-            # A copy of every weight: the reason update ratios have their own, sparser cadence.
+        if self._log_parameters and self._due(self._update_every) and self._in_step is not None:
+            # A copy of every weight this optimizer updates (owns): the reason update ratios have
+            # their own, sparser cadence. A tensor left out of it has no update ratio, so the
+            # health rules never call it stalled, online or in `normlog report`.
+            groups = self._in_step.param_groups
+            owned = {id(p) for group in groups for p in group["params"]}
             with torch.no_grad():
-                trainable = [(n, p) for n, p in self._params if p.requires_grad]
+                trainable = [(n, p) for n, p in self._params if p.requires_grad and id(p) in owned]
                 self._before = [(n, p, local(p.detach())[0].clone()) for n, p in trainable]
 
     def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -566,6 +572,7 @@ class Watcher:
         pending = Reduction.start(self.step, groups, with_grad, self._bins, histograms or keep, self._sharded)
         if pending is not None:
             pending.rows_kept = keep
+            pending.ndims = self._ndims
             pending.versions = [(id(p.grad), p.grad._version) for _, p in with_grad]  # type: ignore[union-attr]
             scale = None if self._scaler is None or not self._scaler.is_enabled() else self._scaler._scale
             if scale is not None and self._in_step is None:  # gradients read in backward: still scaled

@@ -437,3 +437,19 @@ def test_shapes_and_the_updated_tensors_reach_the_health_rules(tmp_path) -> None
         record.record(1, [_step.Group("gradients", NAMES, ones)], _step.Updates(NAMES[:2], ones[:2], ones[:2]))
     assert seen == [(None, ndims), ({"layer0.weight", "layer0.bias"}, {})]
     assert record.monitor is not None and record.monitor.state_dict()["ndims"] == ndims  # kept once given
+
+
+def test_a_failure_writing_the_kept_histograms_warns_once_and_the_step_is_still_written(tmp_path) -> None:
+    def kept(step: int) -> list[tuple[int, list[_step.Group]]]:
+        raise RuntimeError("the device went away")
+
+    with normlog.Writer(tmp_path) as writer, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        record = _step.Recorder(writer, Guard(strict=False), 5, Monitor(), histograms_after=2, kept_histograms=kept)
+        for step in range(3):
+            norms = np.array([1.0, 1.0, math.nan if step == 2 else 1.0])
+            record.record(step, [_step.Group("gradients", NAMES, norms, np.isnan(norms).astype(float))])
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert any("writing the histograms kept before step 2" in m and "the device went away" in m for m in messages)
+    assert sorted(scalars(read_events(str(tmp_path)), _step.norm_tag("gradients", "out.weight"))) == [0, 1, 2]
+    assert record.histograms_until == 4  # the burst after it still began

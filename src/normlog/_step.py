@@ -440,11 +440,16 @@ class Recorder:
             if step >= self.histograms_until:  # no burst going on: a new one
                 self._burst_from = step + 1
             self.histograms_until = max(self.histograms_until, step + self.histograms_after)
-        if self._kept_histograms is not None and self.writer is not None:
-            for kept_step, kept_groups in self._kept_histograms(step):
-                rows = self._histogram_rows(kept_groups)
-                if rows is not None:
-                    self.writer.add_record(kept_step, rows=rows)
+        if self._kept_histograms is not None:
+            # a failure here must not cost the step its own event: warned once (strict: raised)
+            self._guard.safely(lambda: self._write_kept(step), where=f" writing the histograms kept before step {step}")
+
+    def _write_kept(self, step: int) -> None:
+        assert self._kept_histograms is not None and self.writer is not None
+        for kept_step, kept_groups in self._kept_histograms(step):
+            rows = self._histogram_rows(kept_groups)
+            if rows is not None:
+                self.writer.add_record(kept_step, rows=rows)
 
     def _histogram_rows(self, groups: Sequence[Group]) -> HistogramRows | None:
         """The histograms of `groups`' rows, one tag per tensor with a finite value."""

@@ -6,7 +6,9 @@ device. `joined` is the one tensor that crosses to the host; `decode` turns the 
 into the framework-free `normlog._step.Group`s and `Updates`. A reduction is started when a
 backward pass ends and may be read only at the optimizer's step, after clipping and
 unscaling changed the gradients in place: nothing read late may depend on their values. Column numbers come from
-`normlog._rows`; tags and everything written are `normlog._step`'s business.
+`normlog._rows`; tags and everything written are `normlog._step`'s business. `KeptRows` is
+the ring of `histograms_before_finding`: rows split off a step (`keep_rows`) stay on the
+device until a finding has them written.
 """
 
 from __future__ import annotations

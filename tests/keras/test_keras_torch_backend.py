@@ -125,10 +125,14 @@ SCENARIO = textwrap.dedent(
     gan.compile(keras.optimizers.Adam(), keras.optimizers.Adam())
     scaled = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
     scaled.compile(optimizer=keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD()), loss="mse")
-    for label, target in [("gan", gan), ("loss_scale", scaled), ("torch_module", torch.nn.Linear(2, 2))]:
+    plain = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    plain.compile(optimizer="sgd", loss="mse")
+    cases = [("gan", gan, {}), ("loss_scale", scaled, {}), ("torch_module", torch.nn.Linear(2, 2), {}),
+             ("every_0", plain, {"every": 0}), ("step_-1", plain, {"step": -1})]
+    for label, target, options in cases:
         path = os.path.join(out, "refused", label)
         try:
-            normlog.keras.watch(target, path)
+            normlog.keras.watch(target, path, **options)
             refused[label] = None
         except (TypeError, ValueError) as error:
             refused[label] = {"error": str(error), "made_files": os.path.exists(path)}
@@ -404,6 +408,7 @@ def test_what_cannot_be_watched_is_refused_before_any_file(run) -> None:
     assert refused["gan"] is not None and "d_optimizer" in refused["gan"]["error"]
     assert "LossScaleOptimizer" in refused["loss_scale"]["error"]
     assert "normlog.watch" in refused["torch_module"]["error"]
+    assert "every" in refused["every_0"]["error"] and "step" in refused["step_-1"]["error"]
     assert not any(entry["made_files"] for entry in refused.values())
 
 

@@ -98,9 +98,7 @@ class Watcher(keras.callbacks.Callback):  # type: ignore[misc]
         histograms_after_finding: int = 5,
     ) -> None:
         super().__init__()
-        check_options(log, every, histogram_every, update_every)
-        if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
-            raise ValueError(f"step must be a non-negative int (the first step's index), got {step!r}")
+        _check(log, every, histogram_every, update_every, step)
         is_optimizer = isinstance(target, keras.optimizers.Optimizer)
         model = None if is_optimizer else target
         optimizer = target if is_optimizer else optimizer
@@ -127,6 +125,7 @@ class Watcher(keras.callbacks.Callback):  # type: ignore[misc]
         self.torch_watcher: normlog.torch.Watcher | None = None
         self._lock = threading.Lock()
         self._closed = False
+        self._outside_grad_said = False
         self._wrap(optimizer if optimizer is not None else getattr(model, "optimizer", None))
         if model is not None and model.weights and (self._wrapped or step is not None):
             self._start(model.weights)  # else at fit's start or the first update, when both are known
@@ -243,7 +242,7 @@ class Watcher(keras.callbacks.Callback):  # type: ignore[misc]
     def _check_gradients(self, grads: Sequence[Any], variables: Sequence[Any] | None) -> None:
         # The PyTorch adapter reads the gradients backward() left in .grad, as Keras' torch
         # trainer passes them; gradients from elsewhere (torch.autograd.grad) never reach it.
-        if variables is None:
+        if variables is None or self._outside_grad_said:
             return
         for grad, variable in zip(grads, variables):
             if grad is not None and getattr(getattr(variable, "value", None), "grad", None) is None:
@@ -252,6 +251,7 @@ class Watcher(keras.callbacks.Callback):  # type: ignore[misc]
                     f"normlog: {variable.path!r} got a gradient in apply() that backward() did not leave in its "
                     ".grad; on the torch backend normlog logs the gradients loss.backward() computes",
                 )
+                self._outside_grad_said = True  # said once: no more looking
                 return
 
     # -- fit's callbacks -----------------------------------------------------------------
@@ -301,6 +301,12 @@ class Watcher(keras.callbacks.Callback):  # type: ignore[misc]
                 self.writer.close()
 
 
+def _check(log: Log, every: int, histogram_every: int | None, update_every: int | None, step: int | None) -> None:
+    check_options(log, every, histogram_every, update_every)
+    if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
+        raise ValueError(f"step must be a non-negative int (the first step's index), got {step!r}")
+
+
 def _applied(optimizer: Any) -> int:
     """How many times the optimizer's `apply` ran: Keras' raw counter (`iterations` divides it
     by gradient_accumulation_steps), as the TensorFlow backend counts steps."""
@@ -323,6 +329,8 @@ def make_watcher(
     refused target makes no file."""
     if writer is not None and logdir is not None:
         raise ValueError("pass logdir or writer, not both")
+    get = options.get
+    _check(get("log", "all"), get("every", 1), get("histogram_every", 100), get("update_every", 100), get("step"))
     if isinstance(target, keras.optimizers.Optimizer):
         _refuse(target)
     else:

@@ -103,6 +103,18 @@ WORKER = textwrap.dedent(
     model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0, callbacks=[watcher])
     watcher.unwatch()
 
+    # steps_per_execution=4 with every=2: the statistics are taken inside each step, so every
+    # second step is logged; a second fit, watched anew, continues from optimizer.iterations
+    model = make()
+    model.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse", steps_per_execution=4)
+    watcher = normlog.keras.watch(model, os.path.join(out, "spe"), every=2)
+    model.fit(x, y, batch_size=4, epochs=1, shuffle=False, verbose=0, callbacks=[watcher])
+    watcher.unwatch()
+    watcher = normlog.keras.watch(model, os.path.join(out, "resumed"))
+    model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0, callbacks=[watcher])
+    results["deepcopy_is_itself"] = __import__("copy").deepcopy(watcher) is watcher
+    watcher.unwatch()
+
     results["tensorflow"] = sorted(m for m, v in sys.modules.items() if m.split(".")[0] == "tensorflow" and v)
     with open(os.path.join(out, "results.json"), "w") as file:
         json.dump(results, file)
@@ -176,6 +188,13 @@ def test_fit_histograms_equal_the_cores(worker: str) -> None:
                 np.testing.assert_allclose(value.bucket_limit, limits, rtol=1e-6)
                 assert (value.min, value.max) == pytest.approx((core.min, core.max), rel=1e-6)
                 assert value.num == core.num
+
+
+def test_steps_per_execution_logs_the_steps_due_and_a_resumed_run_continues(worker: str) -> None:
+    name = norm_tag("gradients", "hidden/kernel")
+    assert sorted(scalars(read_events(os.path.join(worker, "spe")), name)) == [0, 2, 4, 6]  # 8 batches of 4
+    assert sorted(scalars(read_events(os.path.join(worker, "resumed")), name)) == [8, 9, 10, 11]
+    assert results(worker)["deepcopy_is_itself"] is True
 
 
 def test_a_nan_in_fit_is_found_at_its_step(worker: str) -> None:

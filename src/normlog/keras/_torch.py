@@ -216,7 +216,10 @@ class Watcher(keras.callbacks.Callback):  # type: ignore[misc]
                 return original(grads, trainable_variables)
             return watcher._apply(optimizer, original, grads, trainable_variables)
 
-        optimizer.apply = apply
+        # Under jit_compile=True Keras compiles its train step with torch.compile: the update
+        # (normlog's hooks inside it included) runs eagerly instead of being traced by dynamo,
+        # which cannot trace the host-side work of a logged step.
+        optimizer.apply = torch.compiler.disable(apply)  # type: ignore[no-untyped-call]
         self._wrapped.append(optimizer)
 
     def _apply(

@@ -10,6 +10,7 @@ normlog; this process reads the written files back with TensorBoard's reader.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -23,7 +24,8 @@ import pytest
 from helpers import read_events, requires, scalars
 
 requires("torch")
-requires("keras")
+if importlib.util.find_spec("keras") is None:  # imported only in the subprocesses: this process may
+    requires("keras")  # have Keras on TensorFlow already, or no TensorFlow at all (normlog[keras-torch])
 
 import normlog  # noqa: E402
 from normlog._step import GLOBAL_NORM, histogram_tag, norm_tag, ratio_tag  # noqa: E402

@@ -624,8 +624,9 @@ class Watcher:
             # a burst that began after this step was reduced (the writing thread is behind
             # the training one on a GPU): its rows, kept in the ring, are written with it
             kept = ring.take(pending.step)
-            for group, kept_group in zip(groups, kept or groups, strict=True):
-                group.rows = kept_group.rows
+            if kept is not None:
+                for group, kept_group in zip(groups, kept, strict=True):
+                    group.rows = kept_group.rows
         if applied is None and pending.versions and self._log_gradients:
             # the gradients were not changed after backward: the optimizer applied them as read
             gradients = next(g for g in groups if g.kind == "gradients")
@@ -763,11 +764,12 @@ def watch(
             is known once its step is written, up to 3 logged steps later: the burst's steps
             reduced before that carry no histograms, unless the ring below kept them.
         histograms_before_finding: K > 0 keeps the histogram rows of the last K logged steps
-            on the device (no copy to the host until written) and writes them at their own
-            steps when an exploding or nonfinite finding begins, so the steps before the
-            spike are there too. Every logged step then computes histograms (the cost is in
-            the README's table); only steps since the last histogram step are kept, so each
-            tag's steps stay in order and TensorBoard keeps them all. Default 0: off.
+            on the device (no copy to the host until written) and, when an exploding or
+            nonfinite finding begins at step s, writes those of s-K+1 .. s at their own
+            steps, so the spike's step and the steps before it are there too. Every logged
+            step then computes histograms (the cost is in the README's table); only steps
+            since the last histogram step are kept, so each tag's steps stay in order and
+            TensorBoard keeps them all. Default 0: off.
 
     Returns:
         The `Watcher`; `unwatch()` it (or use it as a context manager).

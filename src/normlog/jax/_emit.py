@@ -24,6 +24,7 @@ import numpy as np
 from jax import lax
 from jax.experimental import io_callback
 
+from normlog import _rows
 from normlog._step import Group, Kind, Recorder, Updates
 from normlog._watching import Guard
 from normlog.health import Monitor
@@ -132,9 +133,9 @@ class Emitter:
 
             def statistics(_: None) -> jax.Array:
                 parts = []
-                for kind, arrays in kinds:
-                    sums = _stats.sums_of_squares(fused[kind], arrays)
-                    parts += [jnp.sqrt(sums), _stats.nonfinite(fused[kind], arrays, sums)]
+                for _kind, arrays in kinds:
+                    sums = _stats.sums_of_squares(arrays)
+                    parts += [jnp.sqrt(sums), _stats.nonfinite(arrays, sums)]
                 return jnp.concatenate(parts)
 
             def histogram_rows() -> jax.Array:
@@ -143,34 +144,41 @@ class Emitter:
             def update_norms(_: None) -> jax.Array:
                 assert updates is not None
                 applied = list(updates())
-                sums = [_stats.sums_of_squares(fused["parameters"], part) for part in (applied, weights)]
+                sums = [_stats.sums_of_squares(part) for part in (applied, weights)]
                 return jnp.stack([jnp.sqrt(s) for s in sums])
 
-            def log(_: None) -> None:
-                size = 2 * len(names) * len(kinds)
-                values = lax.cond(stats_due, statistics, lambda _: jnp.zeros(size, jnp.float64), None)
-                update_values = (
-                    lax.cond(update_due, update_norms, lambda _: jnp.zeros((2, len(names)), jnp.float64), None)
-                    if ratios
-                    else jnp.zeros((2, 0), jnp.float64)
+            # Each heavy reduction sits in a cond of its own at the top level, and the callback's
+            # cond holds only their small results: with the reductions nested inside one cond,
+            # a 2.1M-parameter MLP's steps where nothing was due cost 2x plain (measured).
+            size = 2 * len(names) * len(kinds)
+            values = lax.cond(stats_due, statistics, lambda _: jnp.zeros(size, jnp.float64), None)
+            update_values = (
+                lax.cond(update_due, update_norms, lambda _: jnp.zeros((2, len(names)), jnp.float64), None)
+                if ratios
+                else jnp.zeros((2, 0), jnp.float64)
+            )
+            rows = None
+            if plan.histogram_every or burst:
+                width = _rows.width(plan.bins)
+                empty = jnp.zeros((len(names) * len(kinds), width), jnp.float64)
+                rows = lax.cond(hist_due, lambda _: histogram_rows(), lambda _: empty, None)
+            on_step = functools.partial(self._on_step, names, tuple(kind for kind, _ in kinds))
+            flags = jnp.stack([stats_due, update_due, hist_due])
+
+            def send(_: None) -> None:
+                # One callback per step, unordered: an ordered one costs about 1 ms more per step
+                # on the CPU (measured), and a training loop's steps are chained by their
+                # parameters, so each step's callback has run before the next starts.
+                jax.debug.callback(
+                    on_step,
+                    step,
+                    flags,
+                    _stats.to_host(values),
+                    _stats.to_host(update_values),
+                    None if rows is None else _stats.to_host(rows),
                 )
-                on_step = functools.partial(self._on_step, names, tuple(kind for kind, _ in kinds))
-                flags = jnp.stack([stats_due, update_due])
 
-                def send(rows: jax.Array | None) -> None:
-                    # One callback per step, unordered: an ordered one costs about 1 ms more per
-                    # step on the CPU (measured), and a training loop's steps are chained by
-                    # their parameters, so each step's callback has run before the next starts.
-                    jax.debug.callback(
-                        on_step, step, flags, _stats.to_host(values), _stats.to_host(update_values), rows
-                    )
-
-                if plan.histogram_every or burst:
-                    lax.cond(hist_due, lambda _: send(_stats.to_host(histogram_rows())), lambda _: send(None), None)
-                else:
-                    send(None)
-
-            lax.cond(stats_due | hist_due | update_due, log, lambda _: None, None)
+            lax.cond(stats_due | hist_due | update_due, send, lambda _: None, None)
 
     # -- on the host -----------------------------------------------------------------------
 
@@ -200,9 +208,9 @@ class Emitter:
         update_bits: Any,
         row_bits: Any,
     ) -> None:
-        stats_due, update_due = bool(flags[0]), bool(flags[1])
+        stats_due, update_due, hist_due = (bool(flag) for flag in flags)
         count = len(names)
-        rows = None if row_bits is None else _stats.from_host(row_bits)
+        rows = _stats.from_host(row_bits) if hist_due and row_bits is not None else None
         groups = []
         values = _stats.from_host(bits) if stats_due else None
         for k, kind in enumerate(kinds):

@@ -327,8 +327,10 @@ class Recorder:
         histograms_after: int = 0,
         kept_histograms: Callable[[int], Sequence[tuple[int, Sequence[Group]]]] | None = None,
     ) -> None:
-        if not isinstance(histograms_after, int) or isinstance(histograms_after, bool) or histograms_after < 0:
-            raise ValueError(f"histograms_after_finding must be an int >= 0 (0: no burst), got {histograms_after!r}")
+        if not isinstance(histograms_after, int) or isinstance(histograms_after, bool):
+            raise TypeError(f"histograms_after_finding must be an int (steps), got {histograms_after!r}")
+        if histograms_after < 0:
+            raise ValueError(f"histograms_after_finding must be an int >= 0 (0: no burst), got {histograms_after}")
         self.writer = writer
         self.histograms_after = histograms_after
         self.histograms_until = -1  # the last step of the current burst of histograms

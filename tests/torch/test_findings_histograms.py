@@ -183,7 +183,11 @@ def test_bad_burst_and_ring_options_are_refused_saying_what_to_pass(tmp_path) ->
     with pytest.raises(ValueError, match=r"histograms_after_finding must be an int >= 0"):
         normlog.watch(model, str(tmp_path), histograms_after_finding=-1)
     with pytest.raises(ValueError, match=r"histograms_before_finding must be an int >= 0"):
+        normlog.watch(model, str(tmp_path), histograms_before_finding=-2)
+    with pytest.raises(TypeError, match=r"histograms_before_finding must be an int \(steps\), got 2.5"):
         normlog.watch(model, str(tmp_path), histograms_before_finding=2.5)
+    with pytest.raises(TypeError, match=r"histograms_after_finding must be an int \(steps\), got True"):
+        normlog.watch(model, str(tmp_path), histograms_after_finding=True)
     with pytest.raises(ValueError, match=r"with health=False it would compute histograms every step for nothing"):
         normlog.watch(model, str(tmp_path), health=False, histograms_before_finding=3)
 

@@ -225,13 +225,11 @@ class Watcher:
         histograms_before_finding: int = 0,
     ) -> None:
         check_options(log, every, histogram_every, update_every)
-        if (
-            not isinstance(histograms_before_finding, int)
-            or isinstance(histograms_before_finding, bool)
-            or histograms_before_finding < 0
-        ):
+        if not isinstance(histograms_before_finding, int) or isinstance(histograms_before_finding, bool):
+            raise TypeError(f"histograms_before_finding must be an int (steps), got {histograms_before_finding!r}")
+        if histograms_before_finding < 0:
             raise ValueError(
-                f"histograms_before_finding must be an int >= 0 (0: no ring), got {histograms_before_finding!r}"
+                f"histograms_before_finding must be an int >= 0 (0: no ring), got {histograms_before_finding}"
             )
         if histograms_before_finding and not health:
             raise ValueError(

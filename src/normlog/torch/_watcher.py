@@ -773,10 +773,12 @@ def watch(
         The `Watcher`; `unwatch()` it (or use it as a context manager).
 
     Raises:
-        TypeError: `model` is not an `nn.Module`, `optimizer` is not a torch optimizer, or
-            `names` is not a {parameter tensor: str} mapping.
+        TypeError: `model` is not an `nn.Module`, `optimizer` is not a torch optimizer,
+            `names` is not a {parameter tensor: str} mapping, or a histograms_*_finding
+            length is not an int.
         ValueError: a bad option, an optimizer that updates none of the model's parameters,
-            or `names` naming a tensor that is not the model's, or two parameters alike.
+            `names` naming a tensor that is not the model's, or two parameters alike, or
+            `histograms_before_finding` with `health=False`.
 
     Example:
         >>> watcher = normlog.watch(model, "runs/exp1")  # doctest: +SKIP

@@ -13,7 +13,6 @@ A failure on the host warns once (`Guard`); with strict=True it is raised in the
 from __future__ import annotations
 
 import functools
-import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -73,12 +72,9 @@ def make_recorder(
     health_via: Any,
     histograms_after_finding: int,
 ) -> Recorder:
-    """The Recorder of one watcher, with the burst of histograms after a finding where this
-    normlog's Recorder has it (`Recorder.histograms_wanted`)."""
-    options: dict[str, Any] = {}
-    if "histograms_after" in inspect.signature(Recorder).parameters:
-        options["histograms_after"] = histograms_after_finding
-    return Recorder(writer, guard, bins, monitor, health_via, **options)
+    """The Recorder of one watcher, with its burst of histograms after a finding
+    (`Recorder.histograms_wanted`)."""
+    return Recorder(writer, guard, bins, monitor, health_via, histograms_after=histograms_after_finding)
 
 
 class Emitter:
@@ -119,7 +115,7 @@ class Emitter:
             ratios = plan.update_every is not None and updates is not None and bool(weights)
             update_due = step % plan.update_every == 0 if ratios and plan.update_every else jnp.bool_(False)
             fused = {kind: _stats.fuse(arrays) for kind, arrays in kinds}
-            burst = bool(getattr(self.recorder, "histograms_after", 0)) and bool(kinds)
+            burst = self.recorder.histograms_after > 0
             if burst:
                 # a burst of histograms after an exploding or nonfinite finding: the host knows
                 # (from the steps before, whose callbacks have run: see `send`), so each logged

@@ -1,6 +1,6 @@
 """normlog: per-layer values, L2 norms and histograms of weights and gradients, for TensorBoard.
 
-Rules: `import normlog` imports numpy and nothing heavier; torch, TensorFlow, Keras,
+Rules: `import normlog` imports numpy and nothing heavier; torch, TensorFlow, Keras, JAX,
 tensorboardX and matplotlib load only when a Writer or an adapter needs them. The core
 (`l2_norm`, `summarize`, `histogram`) is the reference every adapter must agree with.
 """
@@ -29,11 +29,12 @@ def watch(model: nn.Module, logdir: str | None = None, **options: Any) -> Watche
 
 
 def __getattr__(name: str) -> Any:
-    # `normlog.keras` loads Keras and TensorFlow, so it is imported on first use only.
-    if name == "keras":
+    # `normlog.keras` loads Keras (and TensorFlow on its default backend), so it is imported
+    # on first use only; `normlog.jax` likewise, though it imports jax only when watching.
+    if name in ("keras", "jax"):
         import importlib
 
-        return importlib.import_module("normlog.keras")
+        return importlib.import_module(f"normlog.{name}")
     raise AttributeError(f"module 'normlog' has no attribute {name!r}")
 
 

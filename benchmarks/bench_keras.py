@@ -90,6 +90,19 @@ def graph_nodes(model: keras.Model, x: np.ndarray, y: np.ndarray) -> int:
     return len(graph.node) + sum(len(function.node_def) for function in graph.library.function)
 
 
+def peak_resident_mib() -> float:
+    """This process's peak resident memory. Linux's VmHWM, not getrusage's ru_maxrss, which
+    a child keeps from the parent that forked it (every mode read the parent's 3.3 GB)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux, bytes on macOS
+
+
 def first_call(args: argparse.Namespace, mode: str) -> None:
     """One fresh process: the first fit call of one batch, the graph size, the peak memory."""
     x, y = data(args.size, args.batch)
@@ -99,7 +112,7 @@ def first_call(args: argparse.Namespace, mode: str) -> None:
     model.fit(x, y, batch_size=args.batch, epochs=1, verbose=0, callbacks=callbacks)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     nodes = graph_nodes(model, x, y)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    peak = peak_resident_mib()
     print(json.dumps({"wall": wall, "cpu": cpu, "nodes": nodes, "peak_mib": peak}))
 
 
@@ -141,13 +154,17 @@ def main() -> None:
     model = make(args.model, args.size)
     print(
         f"{args.model}, {args.size}x{args.size} inputs, {model.count_params() / 1e6:.2f}M parameters in "
-        f"{len(model.trainable_variables)} trainable variables, batches of {args.batch}"
+        f"{len(model.trainable_variables)} trainable variables, batches of {args.batch}; "
+        f"load average at start {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs"
     )
     if not args.skip_per_step:
         steps = per_step(args)
         plain_cpu = statistics.mean([steps[m][0] for m in MODES[:2]])
         plain_wall = statistics.mean([steps[m][1] for m in MODES[:2]])
-        print(f"\nper step: median over {args.rounds} interleaved epochs of {args.batches} batches\n")
+        print(
+            f"\nper step: median over {args.rounds} interleaved epochs of {args.batches} batches "
+            f"(load average now {os.getloadavg()[0]:.2f})\n"
+        )
         print("| mode | CPU s/step | vs plain | wall s/step | vs plain |\n| --- | ---: | ---: | ---: | ---: |")
         for mode, (cpu, wall) in steps.items():
             print(f"| {mode} | {cpu:.3f} | {cpu / plain_cpu:.2f}x | {wall:.3f} | {wall / plain_wall:.2f}x |")
@@ -166,6 +183,7 @@ def main() -> None:
                 f"| {mode} | {result['cpu']:.1f} | {result['cpu'] / plain['cpu']:.2f}x | {result['wall']:.1f} | "
                 f"{result['nodes']} | {result['peak_mib']:.0f} |"
             )
+    print(f"\nload average at the end (1, 5, 15 min): {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
 
 
 if __name__ == "__main__":

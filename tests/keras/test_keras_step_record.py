@@ -92,3 +92,44 @@ def test_the_in_graph_row_of_extreme_float64_ranges_equals_the_core(values: np.n
     expected = normlog.histogram(values, 30)
     np.testing.assert_array_equal(got.edges, expected.edges)
     np.testing.assert_array_equal(got.counts, expected.counts)
+
+
+def test_the_in_graph_norms_equal_the_core_where_float32_sums_would_fail() -> None:
+    """The quick float32 sums of squares hand over to float64 where they would lose values:
+    squares that underflow (1e-25) or overflow (1e25) float32, zeros, NaN and Inf; sparse
+    rows as their dense gradient; float16 and float64 tensors."""
+    from normlog.keras._graph import fuse, reduce_tensors
+
+    rng = np.random.default_rng(3)
+    base = rng.normal(size=(64, 33)).astype("float32")
+    with_nan, with_inf = base.copy(), base.copy()
+    with_nan[3, 4], with_inf[5, 6] = np.nan, -np.inf
+    cases = {
+        "ordinary": [base, base[0] * 1e-3],
+        "underflowing squares": [base, base * 1e-25],
+        "overflowing squares": [base * 1e25, base],
+        "zeros": [np.zeros_like(base), base],
+        "nan and inf": [with_nan, with_inf],
+        "float16": [base.astype("float16"), base.astype("float16")[:2]],
+        "float64": [base.astype("float64") * 1e150, base.astype("float64")],
+    }
+
+    def reduced(variables: list, *kinds: list) -> list:
+        return tf.function(lambda: reduce_tensors(fuse(variables), *kinds))()
+
+    for case, arrays in cases.items():
+        halves = [a / 2 for a in arrays]  # a second kind (the weights) in the same pass
+        (norms, nonfinite), (half_norms, _) = reduced([tf.Variable(a) for a in arrays], arrays, halves)
+        expected = [normlog.l2_norm(a) for a in arrays]
+        np.testing.assert_allclose(norms.numpy(), expected, rtol=1e-6, err_msg=case)
+        np.testing.assert_allclose(half_norms.numpy(), [normlog.l2_norm(a) for a in halves], rtol=1e-6, err_msg=case)
+        counts = [np.count_nonzero(~np.isfinite(a)) for a in arrays]
+        np.testing.assert_array_equal(nonfinite.numpy(), counts, err_msg=case)
+    # a sparse gradient (repeated rows summed) reduces as the dense gradient it stands for
+    table = tf.Variable(np.zeros((50, 4), "float32"))
+    values = base[:3, :4] * 1e-22
+    sparse = tf.IndexedSlices(tf.constant(values), tf.constant([7, 7, 9]), tf.constant([50, 4]))
+    ((norms, _),) = reduced([table], [sparse])
+    dense = np.zeros((50, 4))
+    np.add.at(dense, [7, 7, 9], values.astype(np.float64))
+    np.testing.assert_allclose(norms.numpy(), [normlog.l2_norm(dense)], rtol=1e-6)

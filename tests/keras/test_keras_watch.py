@@ -75,7 +75,14 @@ def test_step_zero_gradient_norms_equal_a_manual_gradient_tape(tmp_path) -> None
     assert sorted(scalars(events, norm_tag("gradients", "dense/kernel"))) == list(range(8))  # steps are batches
 
 
-def test_histograms_equal_the_cores_and_follow_histogram_every(tmp_path) -> None:
+@pytest.mark.parametrize("binning", ["numba on the host", "tf.function"])
+def test_histograms_equal_the_cores_and_follow_histogram_every(tmp_path, monkeypatch, binning) -> None:
+    if binning == "tf.function":
+        from normlog.keras import _graph
+
+        monkeypatch.setattr(_graph, "_numba_rows", lambda: None)
+    else:
+        requires("numba")
     model = make_model()
     expected = tape_gradients(model, X[:32], Y[:32])
     weights = {v.path.removeprefix("net/"): v.numpy() for v in model.trainable_variables}

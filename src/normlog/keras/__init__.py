@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import keras
 
+from normlog._step import HISTOGRAMS_AFTER_FINDING
 from normlog.health import Thresholds
 
 if TYPE_CHECKING:
@@ -84,6 +85,7 @@ def watch(
     strict: bool = False,
     health: bool | Thresholds = True,
     health_via: Literal["warnings", "logging"] = "warnings",
+    histograms_after_finding: int = HISTOGRAMS_AFTER_FINDING,
 ) -> Watcher:
     """A callback for `model.fit(..., callbacks=[...])` that logs, per training step (batch),
     the gradient each step really used and the weights: norms every `every` steps,
@@ -105,15 +107,23 @@ def watch(
         step: the index of the first step seen; default: the optimizer's `iterations`, so
             a resumed run continues its steps.
         health, health_via: the training-health rules, as in `normlog.watch`.
+        histograms_after_finding: after an `exploding` or `nonfinite` finding at step s,
+            log histograms of every tensor at steps s+1 .. s+K (K = this), whatever
+            `histogram_every` says; 0 turns the burst off. Needs `health`.
 
     Raises:
         TypeError: `model` is not a Keras model or optimizer (no file is made).
+        ValueError: a bad option (no file is made).
         RuntimeError: Keras runs on a backend other than TensorFlow, JAX or torch.
 
     Example:
         >>> model.fit(x, y, callbacks=[normlog.keras.watch(model, "runs/mlp")])  # doctest: +SKIP
     """
     _check_target(model)
+    if isinstance(histograms_after_finding, bool) or not isinstance(histograms_after_finding, int):
+        raise TypeError(f"histograms_after_finding must be an int (steps), got {histograms_after_finding!r}")
+    if histograms_after_finding < 0:
+        raise ValueError(f"histograms_after_finding must be 0 (off) or more steps, got {histograms_after_finding}")
     backend = _backend_module()
     find_optimizers, make_watcher = backend.find_optimizers, backend.make_watcher
 
@@ -127,7 +137,7 @@ def watch(
         if any(o is not None and any(o is w for w in old.optimizers) for o in mine):
             old.unwatch()
             _WATCHERS.pop(watched, None)
-    watcher = make_watcher(
+    watcher: Watcher = make_watcher(
         model,
         logdir,
         writer,
@@ -142,6 +152,7 @@ def watch(
         strict=strict,
         health=health,
         health_via=health_via,
+        histograms_after_finding=histograms_after_finding,
     )
     _WATCHERS[model] = watcher
     return watcher

@@ -24,7 +24,7 @@ import tensorflow as tf
 from normlog._step import LOSS_SCALE, SKIPPED_STEP, Group, Recorder, Updates
 from normlog._watching import Guard, check_options
 from normlog.health import Finding, Monitor, Thresholds
-from normlog.keras._graph import State, in_order, reduce_tensors, variable_names
+from normlog.keras._graph import State, dense_sums, in_order, reduce_tensors, variable_names
 from normlog.writer import Writer
 
 __all__ = ["Watcher", "find_optimizers", "make_watcher"]
@@ -90,6 +90,7 @@ class Watcher(keras.callbacks.Callback):  # type: ignore[misc]
         strict: bool,
         health: bool | Thresholds,
         health_via: Literal["warnings", "logging"],
+        histograms_after_finding: int = 5,
     ) -> None:
         super().__init__()
         check_options(log, every, histogram_every, update_every)
@@ -114,7 +115,12 @@ class Watcher(keras.callbacks.Callback):  # type: ignore[misc]
         self._written: dict[tuple[int, str], int] = {}  # (id(state), what) -> last step written
         self._lock = threading.Lock()
         monitor = Monitor(health if isinstance(health, Thresholds) else None) if health else None
-        self._recorder = Recorder(writer, self._guard, bins, monitor, health_via)
+        # the burst of histograms after an exploding/nonfinite finding: the Recorder says until
+        # which step; the traced step reads it from `_histograms_until` (set after each write)
+        self._burst = histograms_after_finding if monitor is not None else 0
+        self._histograms_until: tf.Variable | None = None
+        self._histograms_until_set = -1
+        self._recorder = Recorder(writer, self._guard, bins, monitor, health_via, histograms_after=self._burst)
         self._install(model, optimizer)
         _LIVE.add(self)
 
@@ -232,22 +238,19 @@ class Watcher(keras.callbacks.Callback):  # type: ignore[misc]
             return [tf.convert_to_tensor(v) for v in state.variables]
 
         def reduce() -> tf.Tensor:
-            fields = []
-            for tensors, wanted in ((grads, self._log_gradients), (None, self._log_parameters)):
-                if not wanted:
-                    fields += [tf.zeros([len(state.variables)], tf.float64)] * 2
-                    continue
-                norms, nonfinite = reduce_tensors(state.fused, tensors if tensors is not None else weights())
-                fields += [norms, nonfinite]
-            fields[0] = fields[0] / scale
-            return tf.concat(fields, 0)
+            wanted = [grads] if self._log_gradients else []
+            wanted += [weights()] if self._log_parameters else []
+            reduced = iter(reduce_tensors(state.fused, *wanted))  # every kind in one pass
+            none = (tf.zeros([len(state.variables)], tf.float64),) * 2
+            grad_norms, grad_nonfinite = next(reduced) if self._log_gradients else none
+            weight_norms, weight_nonfinite = next(reduced) if self._log_parameters else none
+            return tf.concat([grad_norms / scale, grad_nonfinite, weight_norms, weight_nonfinite], 0)
 
         stats_due = tf.equal(step % self._every, 0)
         empty = tf.zeros([4 * len(state.variables)], tf.float64)
         stats = tf.cond(stats_due, reduce, lambda: empty)
 
         if state.grad_stash or state.weight_stash:
-            assert self._histogram_every is not None
 
             def stash() -> tf.Tensor:
                 for stashes, tensors in ((state.grad_stash, grads), (state.weight_stash, None)):
@@ -259,7 +262,12 @@ class Watcher(keras.callbacks.Callback):  # type: ignore[misc]
                 state.histogram_step.assign(step)
                 return tf.constant(True)
 
-            tf.cond(tf.equal(step % self._histogram_every, 0), stash, lambda: tf.constant(False))
+            due = []
+            if self._histogram_every is not None:
+                due.append(tf.equal(step % self._histogram_every, 0))
+            if self._histograms_until is not None:  # a burst after a finding
+                due.append(step <= self._histograms_until.read_value())
+            tf.cond(tf.reduce_any(tf.stack(due)), stash, lambda: tf.constant(False))
 
         update_due = tf.constant(False)
         if self._update_every is not None and state.shadows:
@@ -285,11 +293,11 @@ class Watcher(keras.callbacks.Callback):  # type: ignore[misc]
                 after = [tf.convert_to_tensor(v) for v in state.variables]
                 update_norms, weight_norms = [], []
                 for group, shadow in zip(state.fused, state.shadows):
-                    ids = group.ids()
-                    before = tf.convert_to_tensor(shadow)
-                    delta = group.flatten([after[p] for p in group.positions]) - before
-                    update_norms.append(tf.cast(tf.sqrt(group.sums_of_squares(delta, ids)), tf.float64))
-                    weight_norms.append(tf.cast(tf.sqrt(group.sums_of_squares(before, ids)), tf.float64))
+                    before = tf.split(tf.convert_to_tensor(shadow), group.sizes)  # static sizes: XLA compiles it
+                    deltas = [group.flatten([after[p]]) - part for p, part in zip(group.positions, before)]
+                    sums = tf.sqrt(dense_sums(group.dtype, deltas + before)[0])
+                    update_norms.append(sums[: len(deltas)])
+                    weight_norms.append(sums[len(deltas) :])
                 state.updates.assign(
                     tf.stack([in_order(state.fused, update_norms), in_order(state.fused, weight_norms)])
                 )
@@ -315,9 +323,11 @@ class Watcher(keras.callbacks.Callback):  # type: ignore[misc]
             with tf.init_scope():  # created eagerly even when first reached inside a trace
                 if slot.step is None:
                     slot.step = tf.Variable(tf.constant(slot.first_step, tf.int64), trainable=False)
+                if self._burst and self._histograms_until is None:
+                    self._histograms_until = tf.Variable(tf.constant(-1, tf.int64), trainable=False)
                 model = self._watched() if self._watched is not None else None
                 names = variable_names(variables, model.name if model is not None else "")
-                stash = self._histogram_every is not None
+                stash = self._histogram_every is not None or self._burst > 0
                 state = State(
                     variables,
                     names,
@@ -399,6 +409,10 @@ class Watcher(keras.callbacks.Callback):  # type: ignore[misc]
                     self._read(state, records)
             for at, record in sorted(records.items()):
                 self._recorder.record(at, record.joined(), record.updates, record.scalars)
+            until = self._recorder.histograms_until
+            if self._histograms_until is not None and until != self._histograms_until_set:
+                self._histograms_until.assign(until)  # the next traced steps stash their tensors
+                self._histograms_until_set = until
             if not records:
                 self._check_unseen_steps()
 
@@ -414,9 +428,21 @@ class Watcher(keras.callbacks.Callback):  # type: ignore[misc]
                 record.scalars.append((SKIPPED_STEP, 1.0))
             else:
                 if self._log_gradients:
-                    record.add(Group("gradients", state.names, fields["grad_norms"], fields["grad_nonfinite"]))
+                    record.add(
+                        Group(
+                            "gradients", state.names, fields["grad_norms"], fields["grad_nonfinite"], ndims=state.ndims
+                        )
+                    )
                 if self._log_parameters:
-                    record.add(Group("parameters", state.names, fields["weight_norms"], fields["weight_nonfinite"]))
+                    record.add(
+                        Group(
+                            "parameters",
+                            state.names,
+                            fields["weight_norms"],
+                            fields["weight_nonfinite"],
+                            ndims=state.ndims,
+                        )
+                    )
         histogram_step = int(state.histogram_step.numpy())
         if histogram_step >= 0 and self._written.get((key, "histograms"), -1) != histogram_step:
             self._written[key, "histograms"] = histogram_step
@@ -424,9 +450,9 @@ class Watcher(keras.callbacks.Callback):  # type: ignore[misc]
             count = len(state.names)
             record = records.setdefault(histogram_step, _Record())
             if self._log_gradients:
-                record.add(Group("gradients", state.names, rows=rows[:count]), rows=True)
+                record.add(Group("gradients", state.names, rows=rows[:count], ndims=state.ndims), rows=True)
             if self._log_parameters:
-                record.add(Group("parameters", state.names, rows=rows[-count:]), rows=True)
+                record.add(Group("parameters", state.names, rows=rows[-count:], ndims=state.ndims), rows=True)
         update_step = int(state.update_step.numpy())
         if update_step >= 0 and self._written.get((key, "updates"), -1) != update_step:
             self._written[key, "updates"] = update_step
@@ -522,6 +548,7 @@ class _Record:
             into[group.kind] = group
             return
         known.names = [*known.names, *group.names]
+        known.ndims = {**(known.ndims or {}), **(group.ndims or {})}
         for attribute in ("norms", "nonfinite", "rows"):
             mine, theirs = getattr(known, attribute), getattr(group, attribute)
             if mine is not None and theirs is not None:

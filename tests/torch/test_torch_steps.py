@@ -24,7 +24,9 @@ import normlog  # noqa: E402
 from normlog._step import (  # noqa: E402
     CLIPPED_GLOBAL_NORM,
     GLOBAL_NORM,
+    histogram_tag,
     norm_tag,
+    ratio_tag,
 )
 
 MAX_NORM = 0.05  # below every step's gradient norm on this model and data: clipping always engages
@@ -368,3 +370,94 @@ def test_a_dropped_watcher_releases_its_thread_and_its_writers_descriptor(tmp_pa
     assert _open_descriptors() == descriptors
     assert threading.active_count() == threads
     assert sorted(logged(str(tmp_path / "5"))) == [0]
+
+
+# Steps with no gradient, or gradients on only some parameters: the optimizer updates what
+# has a gradient and skips the rest (torch.optim skips p.grad is None), so a step logs the
+# weights, and gradient norms, histograms and update ratios only where a gradient is, as
+# wandb.watch and Lightning's grad-norm logging log nothing for a missing gradient. It is a
+# normal step, not a failure: no warning, and strict=True does not raise.
+
+
+def tags_of(logdir: str) -> set[str]:
+    tags = read_events(logdir).Tags()
+    return set(tags["scalars"]) | set(tags["histograms"])
+
+
+def test_an_optimizer_step_before_any_backward_pass_logs_the_weights_and_no_gradients(tmp_path) -> None:
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    names = [name for name, _ in model.named_parameters()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a failure inside logging would warn, or raise under strict
+        with normlog.watch(model, str(tmp_path), optimizer=optimizer, strict=True, histogram_every=1):
+            weights = {name: p.norm().item() for name, p in model.named_parameters()}
+            optimizer.step()  # no backward pass yet: no parameter has a gradient
+            optimizer.zero_grad()
+            loss_of(model, 1).backward()
+            grads = {name: p.grad.norm().item() for name, p in model.named_parameters()}
+            optimizer.step()
+    events = read_events(str(tmp_path))
+    for name in names:
+        assert scalars(events, norm_tag("parameters", name))[0] == pytest.approx(weights[name], rel=1e-6)
+        assert 0 in {e.step for e in events.Histograms(histogram_tag("parameters", name))}
+        # the gradients begin with the first backward pass, at the step it belongs to
+        assert scalars(events, norm_tag("gradients", name)) == {1: pytest.approx(grads[name], rel=1e-6)}
+        assert 0 not in {e.step for e in events.Histograms(histogram_tag("gradients", name))}
+        assert ratio_tag(name) not in tags_of(str(tmp_path))  # nothing was updated at step 0 ...
+    assert sorted(scalars(events, GLOBAL_NORM)) == [1]  # ... and no global gradient norm either
+
+
+def test_a_step_where_only_some_parameters_have_gradients_logs_theirs_and_every_weight(tmp_path) -> None:
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    head = {"4.weight", "4.bias"}  # the only parameters the loss reaches
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with normlog.watch(model, str(tmp_path), optimizer=optimizer, strict=True, histogram_every=1):
+            x, y = batch(0)
+            nn.functional.mse_loss(model[4](torch.tanh(x @ torch.ones(6, 16))), y).backward()
+            assert {name for name, p in model.named_parameters() if p.grad is not None} == head
+            grads = {name: p.grad.norm().item() for name, p in model.named_parameters() if p.grad is not None}
+            total = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf")).item()  # skips None grads
+            before = {name: p.detach().clone() for name, p in model.named_parameters()}
+            optimizer.step()
+            ratios = {
+                name: ((p.detach() - before[name]).norm() / before[name].norm()).item()
+                for name, p in model.named_parameters()
+            }
+    events = read_events(str(tmp_path))
+    tags = tags_of(str(tmp_path))
+    assert scalars(events, GLOBAL_NORM) == {0: pytest.approx(total, rel=1e-6)}
+    for name in before:
+        assert scalars(events, norm_tag("parameters", name))[0] == pytest.approx(before[name].norm().item(), rel=1e-6)
+        if name in head:
+            assert scalars(events, norm_tag("gradients", name)) == {0: pytest.approx(grads[name], rel=1e-6)}
+            assert scalars(events, ratio_tag(name)) == {0: pytest.approx(ratios[name], rel=1e-5)}
+            assert histogram_tag("gradients", name) in tags
+        else:
+            assert ratios[name] == 0.0  # SGD left it alone: no gradient, no update, nothing logged
+            assert not {norm_tag("gradients", name), histogram_tag("gradients", name), ratio_tag(name)} & tags
+
+
+def test_gradients_set_to_none_before_the_step_leave_the_backward_passes_norms_and_apply_none(tmp_path) -> None:
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with normlog.watch(model, str(tmp_path), optimizer=optimizer, strict=True):
+            loss_of(model, 0).backward()
+            read = global_norm(model)  # what the backward pass left, read before clearing
+            optimizer.zero_grad(set_to_none=True)
+            applied = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf")).item()  # no gradient: 0
+            optimizer.step()  # step 0: every .grad is None, the optimizer changes nothing
+            optimizer.zero_grad(set_to_none=True)
+            optimizer.step()  # no backward pass since step 0: the same update, as a second optimizer's
+            loss_of(model, 1).backward()
+            second = global_norm(model)
+            optimizer.step()
+    assert applied == 0.0
+    assert logged(str(tmp_path)) == {0: pytest.approx(read, rel=1e-6), 1: pytest.approx(second, rel=1e-6)}
+    assert logged(str(tmp_path), CLIPPED_GLOBAL_NORM) == {0: applied, 1: pytest.approx(second, rel=1e-6)}
+    tags = tags_of(str(tmp_path))
+    assert not {ratio_tag(name) for name, _ in model.named_parameters()} & tags  # step 0 updated nothing

@@ -6,6 +6,8 @@ import gc
 import math
 import warnings
 import weakref
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -413,6 +415,79 @@ def test_watching_a_compiled_model_adds_no_graph_breaks(tmp_path) -> None:
         return sum(counters["graph_break"].values())
 
     assert breaks(watched=True) == breaks(watched=False)
+
+
+class CountingBackend:
+    """A torch.compile backend that runs each graph as traced and counts the graphs
+    dynamo made: a count that grows with the steps is a recompile every step."""
+
+    def __init__(self) -> None:
+        self.graphs = 0
+
+    def __call__(self, graph: torch.fx.GraphModule, inputs: list[torch.Tensor]) -> Callable[..., Any]:
+        self.graphs += 1
+        return graph.forward
+
+
+@pytest.mark.parametrize("optimizer_inside", [False, True])
+def test_a_compiled_training_step_with_backward_inside_logs_every_step_from_step_0(tmp_path, optimizer_inside) -> None:
+    # dynamo traced into the after-backward hook (the backward pass runs from a frame it
+    # compiles), into the numba kernel, where step 0's logging failed: the hooks run eagerly
+    torch._dynamo.reset()
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    backend = CountingBackend()
+
+    @torch.compile(backend=backend)
+    def train_step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        if optimizer_inside:
+            optimizer.step()
+        return loss
+
+    seen, graphs = [], []
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="normlog")  # a failure inside logging
+        with normlog.watch(model, str(tmp_path), optimizer=optimizer, histogram_every=1, strict=True):
+            for step in range(5):
+                optimizer.zero_grad()
+                train_step(*batch(step))
+                seen += [p.grad.clone() for p in model.parameters()]  # SGD's step leaves .grad as it was
+                if not optimizer_inside:
+                    optimizer.step()
+                graphs.append(backend.graphs)
+    names = [name for name, _ in model.named_parameters()]
+    events = read_events(str(tmp_path))
+    for i, name in enumerate(names):
+        want = {step: seen[step * len(names) + i].norm().item() for step in range(5)}
+        assert scalars(events, norm_tag("gradients", name)) == pytest.approx(want, rel=1e-6)
+        assert sorted(e.step for e in events.Histograms(histogram_tag("gradients", name))) == list(range(5))
+    assert graphs[1] == graphs[-1]  # compiled in the first steps, never again
+
+
+def test_a_compiled_model_logging_activations_compiles_once_not_every_step(tmp_path) -> None:
+    # traced into the graph, the forward hooks guarded on the watcher's step: a recompile
+    # every step, until dynamo's limit, then the model ran uncompiled
+    torch._dynamo.reset()
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    backend = CountingBackend()
+    compiled = torch.compile(model, backend=backend)
+    hidden, graphs = [], []
+    with normlog.watch(model, str(tmp_path), optimizer=optimizer, log_activations=True, strict=True):
+        for step in range(10):
+            optimizer.zero_grad()
+            x, y = batch(step)
+            out = compiled(x)
+            with torch.no_grad():
+                hidden.append(torch.tanh(model[0](x)).norm().item())
+            nn.functional.mse_loss(out, y).backward()
+            optimizer.step()
+            graphs.append(backend.graphs)
+    assert graphs[1] == graphs[-1]
+    logged = scalars(read_events(str(tmp_path)), norm_tag("activations", "1"))
+    assert logged == pytest.approx(dict(enumerate(hidden)), rel=1e-6)
 
 
 def test_steps_gradscaler_skips_are_still_reported(tmp_path) -> None:

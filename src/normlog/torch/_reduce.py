@@ -145,14 +145,20 @@ class Reduction:
         self.tensors = []
 
     def measure_updates(self) -> None:
-        """After the optimizer's step: ‖w_after - w_before‖ of every snapshotted weight."""
-        if self.before is not None:
+        """After the optimizer's step: ‖w_after - w_before‖ of every snapshotted weight. No
+        weight snapshotted (no parameter had a gradient at the step): no update ratios."""
+        if self.before:
             after = [local(p.detach()) for _, p in self.updated]
             differences = torch._foreach_sub([t for t, _ in after], self.before)
             self.update_norms = full_norms(list(differences), [g for _, g in after])
 
     def measure_applied(self, gradients: list[torch.Tensor]) -> None:
-        """The norms of the gradients the optimizer applies: after clipping and unscaling."""
+        """The norms of the gradients the optimizer applies: after clipping and unscaling.
+        None left (zero_grad(set_to_none=True) before the step): it applied none, a global
+        norm of 0, as clip_grad_norm_ returns for them, not the norm read at backward."""
+        if not gradients:
+            self.applied = torch.zeros(1, dtype=torch.float64, device=self.pieces[0].device)
+            return
         parts = [local(g) for g in gradients]
         self.applied = full_norms([t for t, _ in parts], [g for _, g in parts])
 

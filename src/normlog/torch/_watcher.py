@@ -15,7 +15,7 @@ import functools
 import os
 import weakref
 from collections.abc import Callable, Mapping
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar, cast
 
 import numpy as np
 import torch
@@ -50,6 +50,18 @@ _STEPS: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
 # every live watcher, for the optimizer hooks torch calls for every optimizer
 _LIVE: weakref.WeakSet[Watcher] = weakref.WeakSet()
 _GLOBAL_HOOKS: list[RemovableHandle] = []
+
+_Hook = TypeVar("_Hook", bound=Callable[..., Any])
+
+
+def _eager(hook: _Hook) -> _Hook:
+    """`hook`, run eagerly (a graph break) when torch.compile'd code calls it: a backward
+    pass or an optimizer step inside a compiled function calls normlog's hooks from frames
+    that dynamo would otherwise trace, into the numba kernel and the writer, where the
+    step's logging failed; and a compiled model's forward hooks would guard on the step
+    counter and recompile every step. What a hook does is never part of the graph."""
+    disabled = torch.compiler.disable(hook, reason="normlog's hooks read and write outside the graph")  # type: ignore[no-untyped-call]
+    return cast(_Hook, disabled)
 
 
 def torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:
@@ -125,11 +137,13 @@ def renamed(
     return out
 
 
+@_eager
 def _before_any_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
     for watcher in list(_LIVE):
         watcher._before_optimizer_step(optimizer, args, kwargs)
 
 
+@_eager
 def _after_any_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
     for watcher in list(_LIVE):
         watcher._after_optimizer_step(optimizer, args, kwargs)
@@ -161,6 +175,7 @@ class _ActivationHook:
         self._module = weakref.ref(module)
         self._name = name
 
+    @_eager
     def __call__(self, module: nn.Module, inputs: Any, output: Any) -> None:
         watcher = self._watcher()
         if watcher is not None and module is self._module():
@@ -180,6 +195,7 @@ class _GradHook:
     def __init__(self, watcher: Watcher) -> None:
         self._watcher = weakref.ref(watcher)
 
+    @_eager
     def __call__(self, param: torch.Tensor) -> None:
         watcher = self._watcher()
         if watcher is not None:
@@ -418,11 +434,13 @@ class Watcher:
                 self._write_step(self._pending)
                 return
 
+    @_eager
     def _queue_after_backward(self) -> None:
         # Queued again, so it runs after every callback queued during the backward pass:
         # DDP's, which writes the all-reduced gradients into .grad, may have come after ours.
         torch.autograd.Variable._execution_engine.queue_callback(self._after_backward)
 
+    @_eager
     def _after_backward(self) -> None:
         """A backward pass is done: read its gradients now, before any clipping; the step is
         written when the optimizer steps. Inside `step(closure)`, only the first pass counts
@@ -557,7 +575,7 @@ class Watcher:
         # a frozen parameter's gradient is left out whatever its stale .grad holds: it is
         # never dead or stalled; its weight is still logged
         with_grad = [(name, p) for name, p in self._params if p.grad is not None and p.requires_grad]
-        if self._log_gradients:
+        if self._log_gradients and with_grad:  # no gradient at all (a step before any backward): no gradient tags
             grads = [dense(p.grad) for _, p in with_grad]  # type: ignore[arg-type]
             groups.append(("gradients", [n for n, _ in with_grad], grads))
         if self._log_parameters:

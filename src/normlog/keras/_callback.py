@@ -24,7 +24,8 @@ import tensorflow as tf
 from normlog._step import LOSS_SCALE, SKIPPED_STEP, Group, Recorder, Updates
 from normlog._watching import Guard, check_options
 from normlog.health import Finding, Monitor, Thresholds
-from normlog.keras._graph import State, dense_sums, in_order, reduce_tensors, variable_names
+from normlog.keras._graph import State, dense_sums, in_order, reduce_tensors
+from normlog.keras._variables import applied_steps, find_optimizers, variable_names
 from normlog.writer import Writer
 
 __all__ = ["Watcher", "find_optimizers", "make_watcher"]
@@ -35,18 +36,6 @@ Log = Literal["gradients", "parameters", "all"]
 _LIVE: weakref.WeakSet[Watcher] = weakref.WeakSet()
 
 _PRIMARY = "optimizer"  # the slot of model.optimizer, or of optimizer= (whichever instance it is now)
-
-
-def find_optimizers(model: Any) -> dict[str, keras.optimizers.Optimizer]:
-    """The optimizers a model holds as attributes besides `model.optimizer` (a GAN's
-    `d_optimizer` and `g_optimizer`, set in its own `compile`), by attribute name."""
-    primary = getattr(model, "optimizer", None)
-    found: dict[str, keras.optimizers.Optimizer] = {}
-    for name, value in vars(model).items():
-        if isinstance(value, keras.optimizers.Optimizer) and value is not primary and name != "_optimizer":
-            if all(value is not other for other in found.values()):
-                found[name] = value
-    return found
 
 
 @dataclass
@@ -60,15 +49,6 @@ class _Slot:
     states: dict[tuple[int, ...], State] = field(default_factory=dict)
     optimizers: list[Any] = field(default_factory=list)  # wrapped, with their apply() count then
     applied_at_wrap: dict[int, int] = field(default_factory=dict)
-
-
-def _applied(optimizer: Any) -> int:
-    """How many times the optimizer's update ran (every micro-batch under gradient
-    accumulation; a loss-scale optimizer's skipped steps not counted)."""
-    inner = getattr(optimizer, "inner_optimizer", optimizer)
-    # Keras' raw counter: `iterations` divides it by gradient_accumulation_steps
-    counter = getattr(inner, "_iterations", None)
-    return int(counter.numpy()) if counter is not None else int(inner.iterations.numpy())
 
 
 class Watcher(keras.callbacks.Callback):  # type: ignore[misc]
@@ -154,7 +134,7 @@ class Watcher(keras.callbacks.Callback):  # type: ignore[misc]
     def _slot(self, name: str, optimizer: Any) -> _Slot:
         slot = self._slots.get(name)
         if slot is None:
-            first = self._first_step if name == _PRIMARY and self._first_step is not None else _applied(optimizer)
+            first = self._first_step if name == _PRIMARY and self._first_step is not None else applied_steps(optimizer)
             slot = self._slots[name] = _Slot(name, first)
         return slot
 
@@ -163,7 +143,7 @@ class Watcher(keras.callbacks.Callback):  # type: ignore[misc]
             return
         slot = self._slot(name, optimizer)
         slot.optimizers.append(optimizer)
-        slot.applied_at_wrap[id(optimizer)] = _applied(optimizer)
+        slot.applied_at_wrap[id(optimizer)] = applied_steps(optimizer)
         original = optimizer.apply  # the bound method of the class, or another wrapper
         # Under a tf.distribute strategy with several replicas, apply() sees each replica's
         # own gradients; the optimizer sums them in _all_reduce_sum_gradients, which is
@@ -469,10 +449,11 @@ class Watcher(keras.callbacks.Callback):  # type: ignore[misc]
                 continue
             for optimizer in slot.optimizers:
                 start = slot.applied_at_wrap.get(id(optimizer))
-                if start is not None and _applied(optimizer) > start:
+                unseen = applied_steps(optimizer) - start if start is not None else 0
+                if unseen > 0:
                     self._guard.warn_once(
                         "traced-before-watch",
-                        f"normlog: {optimizer.name!r} applied {_applied(optimizer) - start} updates that normlog did "
+                        f"normlog: {optimizer.name!r} applied {unseen} updates that normlog did "
                         "not see: its apply was traced into a tf.function before watch(). Call watch() before the "
                         "tf.function first runs, or make a new tf.function after it.",
                     )

@@ -31,7 +31,6 @@ __all__ = [
     "histogram_row",
     "histogram_rows",
     "reduce_tensors",
-    "variable_names",
 ]
 
 _TINY = float(np.finfo(np.float64).tiny)
@@ -254,12 +253,6 @@ def reduce_tensors(fused: list[Fused], *kinds: list[Any]) -> list[tuple[tf.Tenso
                     norms[k].append(([p], tf.sqrt(sums)))
                     counts[k].append(([p], bad))
     return [(gather_positions(n), gather_positions(c)) for n, c in zip(norms, counts)]
-
-
-def variable_names(variables: list[Any], model_name: str) -> list[str]:
-    """Keras' variable paths, without the watched model's own name: "dense/kernel"."""
-    paths = [getattr(v, "path", None) or v.name.split(":")[0] for v in variables]
-    return [path.removeprefix(f"{model_name}/") if model_name else path for path in paths]
 
 
 @dataclass(frozen=True)

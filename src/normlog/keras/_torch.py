@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import keras
@@ -22,31 +22,12 @@ import normlog.torch
 from normlog._step import run_directory
 from normlog._watching import Guard, check_options
 from normlog.health import Finding, Thresholds
+from normlog.keras._variables import applied_steps, find_optimizers, variable_names
 from normlog.writer import Writer
 
 __all__ = ["Watcher", "find_optimizers", "make_watcher"]
 
 Log = Literal["gradients", "parameters", "all"]
-
-
-def find_optimizers(model: Any) -> dict[str, keras.optimizers.Optimizer]:
-    """The optimizers a model holds as attributes besides `model.optimizer` (a GAN's
-    `d_optimizer` and `g_optimizer`, set in its own `compile`), by attribute name. The same
-    rule as the TensorFlow backend's `find_optimizers`, which lives with TensorFlow."""
-    primary = getattr(model, "optimizer", None)
-    found: dict[str, keras.optimizers.Optimizer] = {}
-    for name, value in vars(model).items():
-        if isinstance(value, keras.optimizers.Optimizer) and value is not primary and name != "_optimizer":
-            if all(value is not other for other in found.values()):
-                found[name] = value
-    return found
-
-
-def variable_names(variables: Iterable[Any], model_name: str) -> list[str]:
-    """Keras' variable paths, without the watched model's own name: "dense/kernel" (the rule
-    of the TensorFlow backend's `variable_names`, whose module imports TensorFlow)."""
-    paths = [getattr(v, "path", None) or v.name for v in variables]
-    return [path.removeprefix(f"{model_name}/") if model_name else path for path in paths]
 
 
 def _refuse(optimizer: Any) -> None:
@@ -147,7 +128,7 @@ class Watcher(keras.callbacks.Callback):  # type: ignore[misc]
             return self.torch_watcher.step
         if self._first_step is not None:
             return self._first_step
-        return _applied(self._wrapped[0]) if self._wrapped else 0
+        return applied_steps(self._wrapped[0]) if self._wrapped else 0
 
     @property
     def findings(self) -> list[Finding]:
@@ -183,7 +164,7 @@ class Watcher(keras.callbacks.Callback):  # type: ignore[misc]
             names = dict(named)
             first = self._first_step
             if first is None:  # a resumed run continues at the optimizer's own count
-                first = _applied(self._wrapped[0]) if self._wrapped else 0
+                first = applied_steps(self._wrapped[0]) if self._wrapped else 0
             self._update = _KerasUpdate(params)
             self.torch_watcher = normlog.torch.watch(
                 module,
@@ -308,14 +289,6 @@ def _check(log: Log, every: int, histogram_every: int | None, update_every: int 
     check_options(log, every, histogram_every, update_every)
     if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
         raise ValueError(f"step must be a non-negative int (the first step's index), got {step!r}")
-
-
-def _applied(optimizer: Any) -> int:
-    """How many times the optimizer's `apply` ran: Keras' raw counter (`iterations` divides it
-    by gradient_accumulation_steps), as the TensorFlow backend counts steps."""
-    counter = getattr(optimizer, "_iterations", None)
-    counter = counter if counter is not None else optimizer.iterations
-    return int(keras.ops.convert_to_numpy(counter))
 
 
 def make_watcher(

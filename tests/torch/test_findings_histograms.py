@@ -11,13 +11,13 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from helpers import read_events, requires
+from helpers import read_events, requires, scalars
 
 torch = requires("torch")
 from torch import nn  # noqa: E402
 
 import normlog  # noqa: E402
-from normlog._step import histogram_tag  # noqa: E402
+from normlog._step import GLOBAL_NORM, histogram_tag, norm_tag, ratio_tag  # noqa: E402
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -69,10 +69,13 @@ def mlp(widths: list[int], device: str) -> nn.Sequential:
     return nn.Sequential(*layers).to(device)
 
 
-def corrupted_batch(logdir: str, device: str, flush: bool = True, **options) -> tuple[normlog.health.Finding, dict]:
+def corrupted_batch(
+    logdir: str, device: str, flush: bool = True, rules: dict | None = None, **options
+) -> tuple[normlog.health.Finding, dict]:
     """An MLP classifier with Adam; the batch at step CAUSE comes from a bad shard: features
     in the wrong units (x1000) and labels out of step. Returns the exploding finding and, per
-    step, the gradients and weights torch had when the step's gradients were read."""
+    step, the gradients and weights torch had when the step's gradients were read; `rules`,
+    where given, receives what the health rules remember at the end (`Monitor.state_dict`)."""
     model = mlp([20, 64, 64, 10], device)
     optimizer = torch.optim.Adam(model.parameters(), 1e-3)
     data = blobs(0, device)
@@ -91,6 +94,8 @@ def corrupted_batch(logdir: str, device: str, flush: bool = True, **options) -> 
                 if flush:  # the finding is known before the next step is read, on a GPU too
                     watcher.flush()
             found = watcher.findings
+            if rules is not None:
+                rules.update(watcher._recorder.monitor.state_dict())
     (exploding,) = [f for f in found if f.rule == "exploding"]
     return exploding, seen
 
@@ -171,6 +176,52 @@ def test_a_nan_from_log0_brings_histograms_at_the_k_steps_after_it(tmp_path, dev
     for tag, logged in histogram_steps(str(tmp_path)).items():
         assert logged == [0, *range(CAUSE + 1, CAUSE + 6)], tag
     assert_core_histogram(str(tmp_path), "gradients", "4.weight", CAUSE + 1, seen[CAUSE + 1]["gradients"]["4.weight"])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_burst_steps_that_every_skips_log_histograms_alone_and_the_rules_never_see_them(tmp_path, device) -> None:
+    # every=10: the rules judge steps 0, 10, 20, 30 (warm-up 3), and the corrupted batch at 40,
+    # a due step, explodes. Steps 41..45 then log histograms, and nothing else: no norms, no
+    # update ratios (update_every=20), and the rules' history holds the due steps' norms only,
+    # as the Keras adapter writes and judges such steps
+    thresholds, rules = normlog.health.Thresholds(explode_warmup=3), {}
+    finding, seen = corrupted_batch(
+        str(tmp_path), device, rules=rules, every=10, update_every=20, health=thresholds, histograms_after_finding=5
+    )
+    assert finding.step == CAUSE
+    due = list(range(0, STEPS, 10))
+    for tag, logged in histogram_steps(str(tmp_path)).items():
+        assert logged == [0, *range(CAUSE + 1, CAUSE + 6)], tag
+    assert_core_histogram(str(tmp_path), "gradients", "0.weight", CAUSE + 3, seen[CAUSE + 3]["gradients"]["0.weight"])
+    events = read_events(str(tmp_path))
+    assert sorted(scalars(events, GLOBAL_NORM)) == due
+    names = list(seen[0]["gradients"])
+    for name in names:
+        assert sorted(scalars(events, norm_tag("gradients", name))) == due
+        assert sorted(scalars(events, norm_tag("parameters", name))) == due
+        assert sorted(scalars(events, ratio_tag(name))) == [0, 20, 40]
+    for tag in events.Tags()["scalars"]:
+        assert all(step % 10 == 0 for step in scalars(events, tag)), tag
+    # the norms written, and all the exploding rule remembers of 0.weight: its gradient's
+    # norm at the due steps (computed here from what torch held), at no other step
+    expected = [float(np.linalg.norm(seen[step]["gradients"]["0.weight"])) for step in due]
+    logged = scalars(events, norm_tag("gradients", "0.weight"))
+    assert [logged[step] for step in due] == pytest.approx(expected, rel=1e-5)
+    assert rules["grad_history"]["0.weight"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_with_every_10_the_ring_keeps_the_due_steps_before_the_finding_and_the_burst_the_steps_after(tmp_path) -> None:
+    thresholds = normlog.health.Thresholds(explode_warmup=3)
+    finding, seen = corrupted_batch(
+        str(tmp_path), "cpu", every=10, health=thresholds, histograms_after_finding=3, histograms_before_finding=2
+    )
+    assert finding.step == CAUSE
+    for tag, logged in histogram_steps(str(tmp_path)).items():
+        assert logged == [0, CAUSE - 10, CAUSE, CAUSE + 1, CAUSE + 2, CAUSE + 3], tag
+    for step in (CAUSE - 10, CAUSE + 2):
+        assert_core_histogram(str(tmp_path), "parameters", "2.weight", step, seen[step]["parameters"]["2.weight"])
+    events = read_events(str(tmp_path))
+    assert sorted(scalars(events, GLOBAL_NORM)) == list(range(0, STEPS, 10))
 
 
 def test_zero_turns_the_burst_off(tmp_path) -> None:

@@ -65,6 +65,9 @@ class Reduction:
     rows_kept: bool = False
     # each parameter's number of dimensions, by name, for the health rules (1-D gains and biases)
     ndims: dict[str, int] | None = None
+    # False: a burst step no cadence made due (`Watcher._logged`). Its groups decode to
+    # histogram rows alone (no norms, no NaN/Inf counts): the health rules do not judge it
+    norms: bool = True
 
     @classmethod
     def start(
@@ -221,6 +224,7 @@ class Reduction:
                 if rows is not None:
                     rows[i] = row
         groups, start = [], 0
+        weights: dict[str, float] = {}  # the weight norms update ratios divide by, due or not
         for kind, names, _ in self.groups:
             stop = start + len(names)
             group_norms, group_rows = norms[start:stop], None if rows is None else rows[start:stop]
@@ -231,11 +235,15 @@ class Reduction:
                     group_rows[:, [_rows.MIN, _rows.MAX, _rows.SUM]] /= scale
                     group_rows[:, _rows.SUM_SQUARES] /= scale * scale
             ndims = None if kind == "activations" else self.ndims
-            groups.append(Group(kind, names, group_norms, counted[start:stop], group_rows, ndims))
+            if kind == "parameters":
+                weights.update(zip(names, group_norms))
+            if self.norms:
+                groups.append(Group(kind, names, group_norms, counted[start:stop], group_rows, ndims))
+            else:
+                groups.append(Group(kind, names, rows=group_rows, ndims=ndims))
             start = stop
         updates = None
         if update_norms.size:
-            weights = {n: w for g in groups if g.kind == "parameters" for n, w in zip(g.names, g.norms)}  # type: ignore[arg-type]
             names = [name for name, _ in self.updated]
             updates = Updates(names, update_norms, np.array([weights.get(n, np.nan) for n in names]))
         return groups, updates, applied

@@ -397,15 +397,18 @@ class Watcher:
     def _due(self, every: int | None) -> bool:
         return every is not None and self.step % every == 0
 
-    def _logged(self) -> tuple[bool, bool]:
-        """Whether this step logs anything, and whether it logs histograms: every
-        `histogram_every` steps, and in the burst after a finding. Sharded parameters' rows
-        take collectives every rank must join, and only rank 0 hears of findings: no bursts."""
-        histograms = self._due(self._histogram_every) or (
-            not self._sharded and self._recorder.histograms_wanted(self.step)
-        )
-        updates = self._log_parameters and self._due(self._update_every)
-        return self._due(self._every) or histograms or updates, histograms
+    def _logged(self) -> tuple[bool, bool, bool]:
+        """Whether this step logs anything, whether it logs histograms (every
+        `histogram_every` steps, and in the burst after a finding), and whether it logs norms
+        (the steps its cadences make due). A burst step that no cadence makes due logs
+        histograms alone: no norms, so the health rules do not judge it and their counts of
+        logged steps (warm-up, re-arm, streaks) run as in the Keras adapter. Sharded
+        parameters' rows take collectives every rank must join, and only rank 0 hears of
+        findings: no bursts."""
+        scheduled = self._due(self._histogram_every)
+        burst = not self._sharded and self._recorder.histograms_wanted(self.step)
+        norms = self._due(self._every) or scheduled or (self._log_parameters and self._due(self._update_every))
+        return norms or burst, scheduled or burst, norms
 
     def _on_grad_accumulated(self, param: torch.Tensor) -> None:
         # Runs once per parameter per backward pass. The first of a pass (a new graph task:
@@ -505,8 +508,10 @@ class Watcher:
         update ratios when due."""
         with torch.no_grad():
             grads = [p.grad for _, p in pending.updated]
-            if self._log_gradients and any(
-                g is None or id(g) != i or g._version != v for g, (i, v) in zip(grads, pending.versions)
+            if (
+                pending.norms
+                and self._log_gradients
+                and any(g is None or id(g) != i or g._version != v for g, (i, v) in zip(grads, pending.versions))
             ):  # changed since backward (clipped, unscaled): measured again; else the same norm
                 pending.measure_applied([dense(g) for g in grads if g is not None])
             if before is not None:
@@ -566,7 +571,7 @@ class Watcher:
             return self._reduce_without_grad()
 
     def _reduce_without_grad(self) -> Reduction | None:
-        logged, histograms = self._logged()
+        logged, histograms, norms = self._logged()
         activations, self._activations = self._activations, {}
         if not logged:
             return None
@@ -588,6 +593,7 @@ class Watcher:
         pending = Reduction.start(self.step, groups, with_grad, self._bins, histograms or keep, self._sharded)
         if pending is not None:
             pending.rows_kept = keep
+            pending.norms = norms
             pending.ndims = self._ndims
             pending.versions = [(id(p.grad), p.grad._version) for _, p in with_grad]  # type: ignore[union-attr]
             scale = None if self._scaler is None or not self._scaler.is_enabled() else self._scaler._scale
@@ -773,7 +779,8 @@ def watch(
             under other names (Keras' torch backend) pass their own.
         histograms_after_finding: when an `exploding` or `nonfinite` finding begins at step
             s, steps s+1 .. s+K log histograms of every tensor, whatever `histogram_every`
-            says (and are logged even where `every` skips them). Default 5: the findings
+            says. A burst step that no cadence (`every`, `histogram_every`, `update_every`)
+            makes due logs histograms alone: no norms, and the rules do not judge it. Default 5: the findings
             benchmark finds these rules 0-4 logged steps after their cause, and 5 steps show
             the blow-up spreading or settling, at the cost of 5 histogram steps per episode;
             0 turns it off. On a GPU, where a background thread writes the steps, a finding

@@ -270,7 +270,7 @@ class Updates:
 
 
 # The burst of histograms after a finding (`Recorder.histograms_wanted`): the rules whose
-# new episodes start one, and how many logged steps it lasts by default. The findings
+# new episodes start one, and how many step numbers it lasts by default. The findings
 # benchmark (benchmarks/findings/RESULTS.md) finds exploding and nonfinite 0-4 logged steps
 # after their cause, so 5 steps show the aftermath (the NaN spreading, the norms recovering
 # or not) while the ring (`histograms_before_finding`) shows the steps before; an episode

@@ -217,3 +217,99 @@ def test_importing_normlog_jax_imports_neither_jax_nor_optax() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_a_burst_after_a_finding_brings_histograms_at_the_next_steps_whatever_every_says(tmp_path) -> None:
+    # every=10, K=5: a NaN gradient at step 10 (a step `every` logs) is found there; steps
+    # 11..15 carry histograms of every tensor, and norms stay at the multiples of 10. The inner
+    # transformation skips the NaN step (apply_if_finite), so the weights stay finite and
+    # every tensor has a histogram at each burst step.
+    inner = optax.apply_if_finite(optax.sgd(0.1), max_consecutive_errors=5)
+    tx = normlog.jax.watch(
+        inner, str(tmp_path), every=10, histogram_every=None, update_every=None, histograms_after_finding=5
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train(tx, 22, poison=10)
+        tx.flush()
+    assert min(f.step for f in tx.findings if f.rule == "nonfinite") == 10
+    tx.close()
+    events = read_events(str(tmp_path))
+    assert sorted(scalars(events, norm_tag("gradients", "dense/kernel"))) == [0, 10, 20]
+    assert sorted(scalars(events, GLOBAL_NORM)) == [0, 10, 20]
+    for kind in ("gradients", "parameters"):
+        for name in NAMES:
+            steps = [e.step for e in events.Histograms(histogram_tag(kind, name))]
+            assert steps == [11, 12, 13, 14, 15], (kind, name)
+
+
+def test_no_findings_no_host_question_with_health_off_or_no_burst(tmp_path, monkeypatch) -> None:
+    asked: list[int] = []
+    from normlog.jax._emit import Emitter
+
+    original = Emitter._wanted
+
+    def counting(self: Any, step: Any) -> Any:
+        asked.append(int(step))
+        return original(self, step)
+
+    monkeypatch.setattr(Emitter, "_wanted", counting)
+    for index, options in enumerate(({"health": False}, {"histograms_after_finding": 0}, {})):
+        tx = normlog.jax.watch(optax.sgd(0.1), str(tmp_path / str(index)), **options)
+        train(tx, 3)
+        tx.close()
+        assert len(asked) == (3 if options == {} else 0), options
+    assert sorted(scalars(read_events(str(tmp_path / "0")), GLOBAL_NORM)) == [0, 1, 2]
+
+
+def _frozen_out(learning_rate: float) -> Any:
+    labels = {"dense": {"kernel": "train", "bias": "train"}, "out": {"kernel": "slow", "bias": "slow"}}
+    return optax.multi_transform(
+        {"train": optax.sgd(0.1), "slow": optax.sgd(learning_rate) if learning_rate else optax.set_to_zero()}, labels
+    )
+
+
+def test_a_leaf_frozen_by_set_to_zero_is_not_found_stalled_and_has_no_ratio(tmp_path) -> None:
+    tx = normlog.jax.watch(_frozen_out(0.0), str(tmp_path), update_every=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(tx, 6)
+        tx.flush()
+    assert [f for f in tx.findings if f.rule == "stalled"] == []
+    assert not any("stalled" in str(w.message) for w in caught)
+    tx.close()
+    tags = read_events(str(tmp_path)).Tags()["scalars"]
+    assert ratio_tag("dense/kernel") in tags and ratio_tag("out/kernel") not in tags
+
+
+def test_a_real_stall_is_still_found(tmp_path) -> None:
+    tx = normlog.jax.watch(_frozen_out(1e-12), str(tmp_path), update_every=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train(tx, 6)
+        tx.flush()
+    stalled = {f.tensor for f in tx.findings if f.rule == "stalled"}
+    tx.close()
+    assert stalled and stalled <= {"out/kernel", "out/bias"}
+    ratio = scalars(read_events(str(tmp_path)), ratio_tag("out/kernel"))
+    assert 0 < ratio[0] < 1e-9
+
+
+@pytest.mark.parametrize(
+    ("options", "error"),
+    [
+        ({"histograms_after_finding": -1}, ValueError),
+        ({"histograms_after_finding": 1.5}, TypeError),
+        ({"health_via": "email"}, ValueError),
+        ({"health": "yes"}, TypeError),
+    ],
+)
+def test_a_bad_option_makes_no_file_and_no_writer(tmp_path, options: dict[str, Any], error: type) -> None:
+    import threading
+
+    before = {thread.ident for thread in threading.enumerate()}
+    with pytest.raises(error):
+        normlog.jax.watch(optax.sgd(0.1), str(tmp_path / "run"), **options)
+    assert not (tmp_path / "run").exists()
+    assert list(tmp_path.iterdir()) == []
+    assert {thread.ident for thread in threading.enumerate()} <= before

@@ -115,6 +115,60 @@ WORKER = textwrap.dedent(
     results["deepcopy_is_itself"] = __import__("copy").deepcopy(watcher) is watcher
     watcher.unwatch()
 
+    # a dropped watcher is collected: the wrapped apply holds it weakly. Unwatched (the model
+    # lives on), or never unwatched while its optimizer lives on (shared with a new model)
+    import gc, warnings, weakref
+    for unwatch in (True, False):
+        model = make()
+        optimizer = model.optimizer
+        watcher = normlog.keras.watch(model, os.path.join(out, f"dropped_{unwatch}"))
+        model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0, callbacks=[watcher])
+        watcher.write_pending()
+        dropped = weakref.ref(watcher)
+        if unwatch:
+            normlog.keras.unwatch(model)
+        else:
+            del model  # the registry of watch() holds a watcher as long as its model lives
+        del watcher
+        gc.collect()
+        results[f"collected_{unwatch}"] = dropped() is None
+        if not unwatch:
+            model = make()
+            model.compile(optimizer=optimizer, loss="mse")  # the still-wrapped optimizer, reused
+        model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)  # training goes on
+
+    # a watcher whose optimizer fit never applies: warned once, at the end of fit
+    model = make()
+    unused = keras.optimizers.SGD(0.05)
+    unused.build(model.trainable_variables)
+    watcher = normlog.keras.watch(model, os.path.join(out, "unused"), optimizer=unused)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0, callbacks=[watcher])
+    results["unused_warnings"] = [str(w.message) for w in caught if "applied no gradient" in str(w.message)]
+    watcher.unwatch()
+
+    # mixed_float16: Keras wraps the optimizer in a LossScaleOptimizer, whose stateless_apply
+    # calls the inner optimizer's; the gradients logged are the unscaled ones
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    model = make()
+    results["loss_scaled"] = type(model.optimizer).__name__
+    trainable = [v.value for v in model.trainable_variables]
+    others = [v.value for v in model.non_trainable_variables]
+    def mixed_loss(trainable, xb, yb):
+        prediction, _ = model.stateless_call(trainable, others, xb)
+        return jnp.mean((prediction.astype("float32") - yb) ** 2)
+    names = [v.path.removeprefix("net/") for v in model.trainable_variables]
+    mixed = jax.grad(mixed_loss)(trainable, x[:8], y[:8])
+    np.savez(os.path.join(out, "mixed_grads.npz"), **{n: np.asarray(g) for n, g in zip(names, mixed)})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        watcher = normlog.keras.watch(model, os.path.join(out, "mixed"), update_every=1)
+        model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0, callbacks=[watcher])
+    results["mixed_warnings"] = [str(w.message) for w in caught if "normlog" in str(w.message)]
+    watcher.unwatch()
+    keras.mixed_precision.set_global_policy("float32")
+
     results["tensorflow"] = sorted(m for m, v in sys.modules.items() if m.split(".")[0] == "tensorflow" and v)
     with open(os.path.join(out, "results.json"), "w") as file:
         json.dump(results, file)
@@ -207,3 +261,28 @@ def test_a_custom_train_step_with_stateless_apply_is_logged(worker: str) -> None
     for name, grad in grads.items():
         assert scalars(events, norm_tag("gradients", name))[0] == pytest.approx(np.linalg.norm(grad), rel=1e-5)
         assert sorted(scalars(events, norm_tag("gradients", name))) == [0, 1, 2, 3]
+
+
+def test_a_dropped_watcher_is_collected(worker: str) -> None:
+    assert results(worker)["collected_True"] is True  # after unwatch()
+    assert results(worker)["collected_False"] is True  # dropped while still wrapping
+
+
+def test_fit_with_an_optimizer_it_never_applies_warns_once(worker: str) -> None:
+    found = results(worker)["unused_warnings"]
+    assert isinstance(found, list) and len(found) == 1
+
+
+def test_mixed_float16_logs_the_unscaled_gradients_of_the_inner_optimizer(worker: str) -> None:
+    assert results(worker)["loss_scaled"] == "LossScaleOptimizer"
+    assert results(worker)["mixed_warnings"] == []
+    events = read_events(os.path.join(worker, "mixed"))
+    grads = dict(np.load(os.path.join(worker, "mixed_grads.npz")))
+    assert set(grads) == {"hidden/kernel", "hidden/bias", "out/kernel", "out/bias"}
+    for name, grad in grads.items():
+        logged = scalars(events, norm_tag("gradients", name))
+        assert sorted(logged) == [0, 1, 2, 3]  # every step's scaled gradients were finite
+        # jax.grad of the unscaled loss; fit's scaled float16 backward rounds differently
+        assert logged[0] == pytest.approx(np.linalg.norm(grad.astype(np.float64)), rel=2e-2)
+        assert all(math.isfinite(value) for value in logged.values())
+    assert sorted(scalars(events, ratio_tag("hidden/kernel"))) == [0, 1, 2, 3]

@@ -8,6 +8,13 @@ rows every `histogram_every`, update norms every `update_every`. The numbers rea
 in one `jax.debug.callback` per logged step (float64 as uint32 pairs, `_stats.to_host`), where
 `normlog._step.Recorder` writes them: tags, findings and the writer call are its business.
 A failure on the host warns once (`Guard`); with strict=True it is raised in the step.
+
+The burst of histograms after a finding (`Recorder.histograms_wanted`) is asked of the host
+by an `io_callback` at every step (when there are health rules and a burst length): on the
+CPU backend each step's callbacks have run before the next step starts (they run inline), so
+the burst covers steps s+1 .. s+K exactly. On an accelerator the callbacks are unordered and
+may run after the next step has asked: the first steps of a burst may then carry no
+histograms (as torch on a GPU).
 """
 
 from __future__ import annotations
@@ -26,11 +33,11 @@ from jax.experimental import io_callback
 from normlog import _rows
 from normlog._step import Group, Kind, Recorder, Updates
 from normlog._watching import Guard
-from normlog.health import Monitor
+from normlog.health import Monitor, Thresholds
 from normlog.jax import _stats
 from normlog.writer import Writer
 
-__all__ = ["Emitter", "Schedule", "make_recorder", "path_name", "wait_for_host"]
+__all__ = ["Emitter", "Schedule", "check_recorder_options", "make_recorder", "path_name", "wait_for_host"]
 
 
 def wait_for_host() -> None:
@@ -62,6 +69,19 @@ def path_name(path: Sequence[Any]) -> str:
         else:
             parts.append(str(key))
     return "/".join(parts) or "value"
+
+
+def check_recorder_options(histograms_after_finding: Any, health: Any, health_via: Any) -> None:
+    """Raise for an option the Recorder or the rules would refuse, before any file is made."""
+    after = histograms_after_finding
+    if not isinstance(after, int) or isinstance(after, bool):
+        raise TypeError(f"histograms_after_finding must be an int (steps), got {after!r}")
+    if after < 0:
+        raise ValueError(f"histograms_after_finding must be an int >= 0 (0: no burst), got {after}")
+    if health_via not in ("warnings", "logging"):
+        raise ValueError(f"health_via must be 'warnings' or 'logging', got {health_via!r}")
+    if not isinstance(health, (bool, Thresholds)):
+        raise TypeError(f"health must be a bool or a normlog.health.Thresholds, got {health!r}")
 
 
 def make_recorder(
@@ -115,17 +135,18 @@ class Emitter:
             ratios = plan.update_every is not None and updates is not None and bool(weights)
             update_due = step % plan.update_every == 0 if ratios and plan.update_every else jnp.bool_(False)
             fused = {kind: _stats.fuse(arrays) for kind, arrays in kinds}
-            burst = self.recorder.histograms_after > 0
+            # a burst of histograms after an exploding or nonfinite finding needs the rules (a
+            # monitor) and a length: without them no step asks the host anything
+            burst = self.recorder.monitor is not None and self.recorder.histograms_after > 0
             if burst:
-                # a burst of histograms after an exploding or nonfinite finding: the host knows
-                # (from the steps before, whose callbacks have run: see `send`), so each logged
-                # step asks it (about 1 ms a step on the CPU: 0 turns it off)
-                def ask(_: None) -> jax.Array:
-                    wanted = jax.ShapeDtypeStruct((), jnp.bool_)  # type: ignore[no-untyped-call]
-                    answer: jax.Array = io_callback(self._wanted, wanted, step)
-                    return answer
-
-                hist_due = hist_due | lax.cond(stats_due, ask, lambda _: jnp.bool_(False), None)
+                # The host knows (from the steps before, whose callbacks have run: see `send`),
+                # so every step asks it, due by `every` or not: the burst counts steps s+1 ..
+                # s+K. About 1 ms a step on the CPU; histograms_after_finding=0 turns it off. A
+                # burst step that `every` does not make due carries histograms only, no norms,
+                # so the rules' counters advance only on the steps `every` logs.
+                wanted = jax.ShapeDtypeStruct((), jnp.bool_)  # type: ignore[no-untyped-call]
+                asked: jax.Array = io_callback(self._wanted, wanted, step)
+                hist_due = hist_due | asked
 
             def statistics(_: None) -> jax.Array:
                 parts = []
@@ -163,8 +184,9 @@ class Emitter:
 
             def send(_: None) -> None:
                 # One callback per step, unordered: an ordered one costs about 1 ms more per step
-                # on the CPU (measured), and a training loop's steps are chained by their
-                # parameters, so each step's callback has run before the next starts.
+                # on the CPU (measured). On the CPU backend callbacks run inline, so each step's
+                # has run before the next step starts; on an accelerator nothing orders them
+                # (see the module docstring: the first steps of a burst may go without).
                 jax.debug.callback(
                     on_step,
                     step,
@@ -221,5 +243,10 @@ class Emitter:
         update = None
         if update_due:
             update_norms, weight_norms = _stats.from_host(update_bits)
-            update = Updates(names, update_norms, weight_norms)
+            # A tensor whose update is exactly 0 at this step was not updated (frozen by
+            # optax.set_to_zero in a multi_transform, say): it is not the optimizer's, so it
+            # gets no update ratio and the stall rule does not judge it (`Updates`).
+            moved = update_norms != 0
+            owned = tuple(name for name, keep in zip(names, moved, strict=True) if keep)
+            update = Updates(owned, update_norms[moved], weight_norms[moved])
         self.recorder.record(step, groups, update)

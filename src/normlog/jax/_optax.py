@@ -19,7 +19,7 @@ from normlog._step import Recorder, run_directory
 from normlog._watching import Guard, check_options
 from normlog.health import Finding, Monitor, Thresholds
 from normlog.jax import _stats
-from normlog.jax._emit import Emitter, Schedule, make_recorder, path_name, wait_for_host
+from normlog.jax._emit import Emitter, Schedule, check_recorder_options, make_recorder, path_name, wait_for_host
 from normlog.writer import Writer
 
 __all__ = ["WatchState", "WatchedTransformation", "watch"]
@@ -123,15 +123,27 @@ def watch(
         health, health_via: the training-health rules, as in `normlog.watch`.
         step: the index of the first step (default 0); the counter lives in the state, so
             a restored state continues its own steps.
-        histograms_after_finding: after an exploding or nonfinite finding, histograms at
-            the next logged steps up to this many (0: none beyond `histogram_every`).
+        histograms_after_finding: after an exploding or nonfinite finding at step s,
+            histograms of every tensor at steps s+1 .. s+this, whether `every` or
+            `histogram_every` makes them due or not (such a step carries histograms only,
+            no norms); 0: none beyond `histogram_every`. Each step then asks the host (an
+            `io_callback`, about 1 ms on the CPU); none is made with 0 or `health=False`. On
+            an accelerator the callbacks are unordered: the first steps of a burst may
+            carry no histograms.
 
     Returns:
         A `WatchedTransformation`: an optax transformation whose `flush()` writes what the
         steps dispatched so far measured, and `close()` ends the run.
 
+    Update ratios and the stall rule cover the tensors the transformation moved at that
+    step: a leaf whose update is exactly 0 (frozen by `optax.set_to_zero()` in a
+    `multi_transform`) has no ratio and is never found stalled.
+
     Raises:
-        ValueError: an option is out of range, or both `logdir` and `writer` are given.
+        ValueError: an option is out of range, or both `logdir` and `writer` are given
+            (checked before any file is made).
+        TypeError: `histograms_after_finding` is not an int, or `health` neither a bool
+            nor a Thresholds.
 
     Example:
         >>> tx = normlog.jax.watch(optax.adamw(1e-3), "runs/mlp")  # doctest: +SKIP
@@ -145,15 +157,22 @@ def watch(
         raise ValueError(f"bins must be a positive int, got {bins!r}")
     if writer is not None and logdir is not None:
         raise ValueError("pass logdir or writer, not both")
+    check_recorder_options(histograms_after_finding, health, health_via)
     inner = optax.with_extra_args_support(inner)
+    guard = Guard(strict)
+    monitor = Monitor(health if isinstance(health, Thresholds) else None) if health else None
+    # every option is checked and the rules made before the writer: a refused option makes no file
     owns_writer = writer is None or name is not None
     if writer is None:
         writer = Writer(run_directory(logdir, name))
     elif name is not None:
         writer = Writer(run_directory(writer.logdir, name))
-    guard = Guard(strict)
-    monitor = Monitor(health if isinstance(health, Thresholds) else None) if health else None
-    recorder = make_recorder(writer, guard, bins, monitor, health_via, histograms_after_finding)
+    try:
+        recorder = make_recorder(writer, guard, bins, monitor, health_via, histograms_after_finding)
+    except BaseException:
+        if owns_writer:
+            writer.close()
+        raise
     schedule = Schedule(
         gradients=log in ("gradients", "all"),
         parameters=log in ("parameters", "all"),

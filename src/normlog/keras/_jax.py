@@ -9,6 +9,11 @@ scope's current value) and after it, and hands them to `normlog.jax._emit`, whic
 the statistics in jax.numpy inside the step and sends them to the host with
 `jax.debug.callback`. The step index is the optimizer's own update counter, offset to the
 first step, so nothing is added to the model's or the optimizer's state.
+
+Under `mixed_float16` the optimizer is a `LossScaleOptimizer`, whose `stateless_apply` calls
+its inner optimizer's: the inner one is wrapped, and sees the unscaled gradients. A step whose
+scaled gradients are not finite skips the inner update (and its counter): it is not logged,
+and the next applied step takes its index (no `amp/skipped_step` on this backend).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from normlog._step import run_directory
 from normlog._watching import Guard, check_options
 from normlog.health import Finding, Monitor, Thresholds
 from normlog.jax import _stats
-from normlog.jax._emit import Emitter, Schedule, make_recorder, wait_for_host
+from normlog.jax._emit import Emitter, Schedule, check_recorder_options, make_recorder, wait_for_host
 from normlog.writer import Writer
 
 __all__ = ["Watcher", "find_optimizers", "make_watcher"]
@@ -108,6 +113,7 @@ class Watcher(keras.callbacks.Callback):  # type: ignore[misc]
             ),
         )
         self._wrapped: list[Any] = []
+        self._applied = False  # whether a wrapped apply ran (was traced) at all
         self._install(model, optimizer)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Watcher:
@@ -135,21 +141,31 @@ class Watcher(keras.callbacks.Callback):  # type: ignore[misc]
                 self._wrap(other, primary=False)
 
     def _wrap(self, optimizer: keras.optimizers.Optimizer | None, primary: bool) -> None:
+        # A LossScaleOptimizer (mixed_float16) applies through its inner optimizer, whose
+        # `apply` runs only on the steps whose gradients were finite, with the gradients
+        # unscaled: that is the one wrapped (its own `apply` is never called on JAX).
+        optimizer = getattr(optimizer, "inner_optimizer", optimizer)
         if optimizer is None or any(o is optimizer for o in self._wrapped):
             return
         self._wrapped.append(optimizer)
         counted = int(keras.ops.convert_to_numpy(_counter(optimizer).value))
         first = self._first_step if primary and self._first_step is not None else counted
         original = optimizer.apply  # the bound method of the class, or another wrapper
+        reference = weakref.ref(self)  # the optimizer must not keep a dropped watcher alive
 
         def apply(grads: Sequence[Any], trainable_variables: Sequence[Any] | None = None) -> Any:
+            watcher = reference()
+            if watcher is None:
+                return original(grads, trainable_variables)
+            watcher._applied = True
             variables = list(trainable_variables) if trainable_variables is not None else None
             if variables is None and optimizer.built:
                 variables = list(optimizer._trainable_variables)
-            before = self._guard.safely(lambda: self._before(optimizer, first - counted, list(grads), variables or []))
+            guard = watcher._guard
+            before = guard.safely(lambda: watcher._before(optimizer, first - counted, list(grads), variables or []))
             result = original(grads, trainable_variables)
             if before is not None:
-                self._guard.safely(lambda: self._after(*before))
+                guard.safely(lambda: watcher._after(*before))
             return result
 
         optimizer.apply = apply
@@ -198,7 +214,23 @@ class Watcher(keras.callbacks.Callback):  # type: ignore[misc]
             self._guard.safely(lambda: self._install(self.model, None))
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
+        if not self._applied and self._wrapped:
+            # the wrapped apply never ran, not even while fit traced its step: nothing is logged
+            if self._fixed_optimizer:
+                hint = "the train_step applies another optimizer than the one passed to watch()"
+            else:
+                found = ", ".join(find_optimizers(self.model)) if self.model is not None else ""
+                hint = (
+                    "the train_step applies an optimizer that is not model.optimizer (attributes found: "
+                    f"{found or 'none'}). Pass it: normlog.keras.watch(model, optimizer=...), one watcher per "
+                    "optimizer with name="
+                )
+            self._guard.warn_once("no-step", f"normlog: fit ran but the watched optimizer applied no gradient: {hint}.")
         self._guard.safely(self.write_pending)
+        # fit's set_model left the model in the callback: a strong reference that would keep
+        # the model (and so watch()'s registry entry, this watcher) alive for good; the
+        # watcher holds its model weakly (`_watched`), and the next fit sets it again
+        self._model = None
 
     def unwatch(self) -> None:
         """Restore the optimizers' own `apply`; close the writer if `watch` made it."""
@@ -230,6 +262,7 @@ def make_watcher(
     options = {key: value for key, value in options.items() if key in known}
     if writer is not None and logdir is not None:
         raise ValueError("pass logdir or writer, not both")
+    check_recorder_options(histograms_after_finding, options.get("health", True), options.get("health_via", "warnings"))
     owns_writer = writer is None or name is not None
     if writer is None:
         writer = Writer(run_directory(logdir, name))

@@ -24,8 +24,15 @@ if TYPE_CHECKING:
 
 __all__ = ["Watcher", "unwatch", "watch"]
 
-# model or optimizer -> its Watcher; weak so that watching never keeps a model alive.
-_WATCHERS: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+# model or optimizer -> its Watcher, weak on both sides so that watching never keeps a model
+# alive: a watcher holds its model (Keras' `set_model`), so a strong value would keep its own
+# weak key alive forever.
+_WATCHERS: weakref.WeakKeyDictionary[Any, weakref.ref[Any]] = weakref.WeakKeyDictionary()
+
+
+def _watchers() -> list[tuple[Any, Any]]:
+    """The (model, watcher) pairs whose watcher is still alive."""
+    return [(model, watcher) for model, ref in list(_WATCHERS.items()) if (watcher := ref()) is not None]
 
 
 def __getattr__(name: str) -> Any:
@@ -133,7 +140,7 @@ def watch(
         mine += list(find_optimizers(model).values())
     if isinstance(model, keras.optimizers.Optimizer):
         mine = [model]
-    for watched, old in list(_WATCHERS.items()):
+    for watched, old in _watchers():
         if any(o is not None and any(o is w for w in old.optimizers) for o in mine):
             old.unwatch()
             _WATCHERS.pop(watched, None)
@@ -154,12 +161,13 @@ def watch(
         health_via=health_via,
         histograms_after_finding=histograms_after_finding,
     )
-    _WATCHERS[model] = watcher
+    _WATCHERS[model] = weakref.ref(watcher)
     return watcher
 
 
 def unwatch(model: Any) -> None:
     """Restore the optimizers `watch` wrapped for `model`, if any, and close the writer it made."""
-    watcher = _WATCHERS.pop(model, None)
+    ref = _WATCHERS.pop(model, None)
+    watcher = ref() if ref is not None else None
     if watcher is not None:
         watcher.unwatch()

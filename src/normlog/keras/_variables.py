@@ -94,4 +94,6 @@ def applied_steps(optimizer: Any) -> int:
         >>> applied_steps(model.optimizer)  # doctest: +SKIP
         8
     """
-    return int(keras.ops.convert_to_numpy(step_counter(optimizer)))
+    # int() of the variable itself, quiet on every backend: keras.ops.convert_to_numpy warns
+    # (NumPy 2's DeprecationWarning for an __array__ without copy=) on TensorFlow and torch
+    return int(step_counter(optimizer))

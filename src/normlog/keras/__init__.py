@@ -1,11 +1,14 @@
 """Keras adapter: `normlog.keras.watch(model)` is a callback that logs the gradients each training
 step used.
 
-Rules: only this package imports Keras or TensorFlow, and TensorFlow only where Keras runs on
-it: this file imports Keras alone and checks what it was given (a Keras model or optimizer)
-and the backend before any file is made. `_callback` wraps the optimizers and writes each
-logged step through `normlog._step`; `_graph` computes the statistics inside the traced
-step, with the core's rules.
+Rules: only this package imports Keras or TensorFlow, and each backend's framework only in
+that backend's module: this file imports Keras alone, checks what it was given (a Keras model
+or optimizer) and the options before any file is made, and picks the module for Keras'
+backend, each with one `make_watcher` signature: `_callback` (TensorFlow: wraps the
+optimizers and writes each logged step through `normlog._step`, with `_graph` computing the
+statistics inside the traced step by the core's rules), `_jax` (JAX, through `normlog.jax`'s
+statistics) and `_torch` (torch, through `normlog.torch.watch`). `_variables` holds what every
+backend reads alike: optimizers, variable names and step counts.
 """
 
 from __future__ import annotations

@@ -30,37 +30,12 @@ from normlog._watching import Guard, check_options
 from normlog.health import Finding, Monitor, Thresholds
 from normlog.jax import _stats
 from normlog.jax._emit import Emitter, Schedule, check_recorder_options, make_recorder, wait_for_host
+from normlog.keras._variables import applied_steps, find_optimizers, step_counter, variable_names
 from normlog.writer import Writer
 
 __all__ = ["Watcher", "find_optimizers", "make_watcher"]
 
 Log = Literal["gradients", "parameters", "all"]
-
-
-def find_optimizers(model: Any) -> dict[str, keras.optimizers.Optimizer]:
-    """The optimizers a model holds as attributes besides `model.optimizer` (a GAN's
-    `d_optimizer` and `g_optimizer`, set in its own `compile`), by attribute name."""
-    primary = getattr(model, "optimizer", None)
-    found: dict[str, keras.optimizers.Optimizer] = {}
-    for name, value in vars(model).items():
-        if isinstance(value, keras.optimizers.Optimizer) and value is not primary and name != "_optimizer":
-            if all(value is not other for other in found.values()):
-                found[name] = value
-    return found
-
-
-def _counter(optimizer: Any) -> Any:
-    """The optimizer's raw update counter (a Keras variable): every `apply` advances it, each
-    micro-batch under gradient accumulation too."""
-    inner = getattr(optimizer, "inner_optimizer", optimizer)
-    counter = getattr(inner, "_iterations", None)
-    return inner.iterations if counter is None else counter
-
-
-def _names(variables: Sequence[Any], model_name: str) -> list[str]:
-    """Keras' variable paths, without the watched model's own name: "dense/kernel"."""
-    paths = [getattr(v, "path", None) or v.name for v in variables]
-    return [path.removeprefix(f"{model_name}/") if model_name else path for path in paths]
 
 
 class Watcher(keras.callbacks.Callback):  # type: ignore[misc]
@@ -148,7 +123,7 @@ class Watcher(keras.callbacks.Callback):  # type: ignore[misc]
         if optimizer is None or any(o is optimizer for o in self._wrapped):
             return
         self._wrapped.append(optimizer)
-        counted = int(keras.ops.convert_to_numpy(_counter(optimizer).value))
+        counted = applied_steps(optimizer)
         first = self._first_step if primary and self._first_step is not None else counted
         original = optimizer.apply  # the bound method of the class, or another wrapper
         reference = weakref.ref(self)  # the optimizer must not keep a dropped watcher alive
@@ -187,8 +162,8 @@ class Watcher(keras.callbacks.Callback):  # type: ignore[misc]
         if not pairs:
             return None
         model = self._watched() if self._watched is not None else None
-        names = _names([v for _, v in pairs], model.name if model is not None else "")
-        step = _counter(optimizer).value + offset
+        names = variable_names([v for _, v in pairs], model.name if model is not None else "")
+        step = step_counter(optimizer).value + offset
         kept = [v for _, v in pairs]
         return step, names, [g for g, _ in pairs], kept, [v.value for v in kept]
 

@@ -96,4 +96,8 @@ def applied_steps(optimizer: Any) -> int:
     """
     # int() of the variable itself, quiet on every backend: keras.ops.convert_to_numpy warns
     # (NumPy 2's DeprecationWarning for an __array__ without copy=) on TensorFlow and torch
-    return int(step_counter(optimizer))
+    counter = step_counter(optimizer)
+    try:
+        return int(counter)
+    except TypeError:  # under tf.distribute the value is a MirroredVariable, which int() refuses
+        return int(counter.value.numpy())

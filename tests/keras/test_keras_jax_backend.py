@@ -165,7 +165,10 @@ WORKER = textwrap.dedent(
         warnings.simplefilter("always")
         watcher = normlog.keras.watch(model, os.path.join(out, "mixed"), update_every=1)
         model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0, callbacks=[watcher])
-    results["mixed_warnings"] = [str(w.message) for w in caught if "normlog" in str(w.message)]
+    # no NaN, finding or failure warning; without matplotlib (tox -e jax) the pictures' skip is said
+    results["mixed_warnings"] = [
+        str(w.message) for w in caught if "normlog" in str(w.message) and "need matplotlib" not in str(w.message)
+    ]
     watcher.unwatch()
     keras.mixed_precision.set_global_policy("float32")
 

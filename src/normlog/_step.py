@@ -11,6 +11,7 @@ step writes, so they cannot drift: a zero-norm weight has no update ratio (none 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import gc
 import logging
 import math
@@ -19,7 +20,7 @@ import re
 import threading
 import warnings
 import weakref
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -54,6 +55,7 @@ __all__ = [
     "layout",
     "nonfinite_count_tag",
     "nonfinite_tag",
+    "owned_run",
     "norm_tag",
     "parse_tag",
     "ratio_tag",
@@ -292,6 +294,27 @@ def run_directory(logdir: str | os.PathLike[str] | None, name: str | None) -> st
     if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name:
         raise ValueError(f"name must be a non-empty run name without '/' (e.g. 'generator'), got {name!r}")
     return os.path.join("runs" if logdir is None else os.fspath(logdir), name)
+
+
+@contextlib.contextmanager
+def owned_run(logdir: Any, writer: Writer | None, name: str | None) -> Iterator[tuple[Writer, bool]]:
+    """The Writer a watcher writes into, and whether the watcher owns it (and so closes it):
+    one it makes at `logdir`, or at `name`'s own run under `logdir` or under the given
+    `writer`'s directory; else the given `writer`. If building the watcher inside the block
+    fails, a Writer made here is closed again, so a refused watcher leaves no open file."""
+    from normlog.writer import Writer  # at call time: writer.py imports this module
+
+    owns = writer is None or name is not None
+    if writer is None:
+        writer = Writer(run_directory(logdir, name))
+    elif name is not None:
+        writer = Writer(run_directory(writer.logdir, name))
+    try:
+        yield writer, owns
+    except BaseException:
+        if owns:
+            writer.close()
+        raise
 
 
 class Recorder:

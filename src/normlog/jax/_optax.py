@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from normlog._step import Recorder, run_directory
+from normlog._step import Recorder, owned_run
 from normlog._watching import Guard, check_options
 from normlog.health import Finding, Monitor, Thresholds
 from normlog.jax import _stats
@@ -162,17 +162,8 @@ def watch(
     guard = Guard(strict)
     monitor = Monitor(health if isinstance(health, Thresholds) else None) if health else None
     # every option is checked and the rules made before the writer: a refused option makes no file
-    owns_writer = writer is None or name is not None
-    if writer is None:
-        writer = Writer(run_directory(logdir, name))
-    elif name is not None:
-        writer = Writer(run_directory(writer.logdir, name))
-    try:
+    with owned_run(logdir, writer, name) as (writer, owns_writer):
         recorder = make_recorder(writer, guard, bins, monitor, health_via, histograms_after_finding)
-    except BaseException:
-        if owns_writer:
-            writer.close()
-        raise
     schedule = Schedule(
         gradients=log in ("gradients", "all"),
         parameters=log in ("parameters", "all"),

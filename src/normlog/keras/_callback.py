@@ -21,7 +21,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from normlog._step import LOSS_SCALE, SKIPPED_STEP, Group, Recorder, Updates
+from normlog._step import LOSS_SCALE, SKIPPED_STEP, Group, Recorder, Updates, owned_run
 from normlog._watching import Guard, check_options
 from normlog.health import Finding, Monitor, Thresholds
 from normlog.keras._graph import State, dense_sums, in_order, reduce_tensors
@@ -587,18 +587,7 @@ class _NoOptimizer:
 def make_watcher(target: Any, logdir: Any, writer: Writer | None, name: str | None, **options: Any) -> Watcher:
     """`watch`'s work once the backend is known to be TensorFlow: the run directory, the
     writer, the watcher, in that order, so that a refused target makes no file."""
-    from normlog._step import run_directory
-
     if writer is not None and logdir is not None:
         raise ValueError("pass logdir or writer, not both")
-    owns_writer = writer is None or name is not None
-    if writer is None:
-        writer = Writer(run_directory(logdir, name))
-    elif name is not None:
-        writer = Writer(run_directory(writer.logdir, name))
-    try:
-        return Watcher(target, writer, owns_writer=owns_writer, **options)
-    except BaseException:
-        if owns_writer:
-            writer.close()
-        raise
+    with owned_run(logdir, writer, name) as (run, owns_writer):
+        return Watcher(target, run, owns_writer=owns_writer, **options)

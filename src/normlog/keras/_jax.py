@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 import keras
 
-from normlog._step import run_directory
+from normlog._step import owned_run
 from normlog._watching import Guard, check_options
 from normlog.health import Finding, Monitor, Thresholds
 from normlog.jax import _stats
@@ -238,16 +238,7 @@ def make_watcher(
     if writer is not None and logdir is not None:
         raise ValueError("pass logdir or writer, not both")
     check_recorder_options(histograms_after_finding, options.get("health", True), options.get("health_via", "warnings"))
-    owns_writer = writer is None or name is not None
-    if writer is None:
-        writer = Writer(run_directory(logdir, name))
-    elif name is not None:
-        writer = Writer(run_directory(writer.logdir, name))
-    try:
+    with owned_run(logdir, writer, name) as (run, owns_writer):
         return Watcher(
-            target, writer, owns_writer=owns_writer, histograms_after_finding=histograms_after_finding, **options
+            target, run, owns_writer=owns_writer, histograms_after_finding=histograms_after_finding, **options
         )
-    except BaseException:
-        if owns_writer:
-            writer.close()
-        raise

@@ -19,7 +19,7 @@ import keras
 import torch
 
 import normlog.torch
-from normlog._step import run_directory
+from normlog._step import owned_run
 from normlog._watching import Guard, check_options
 from normlog.health import Finding, Thresholds
 from normlog.keras._variables import applied_steps, find_optimizers, variable_names
@@ -319,14 +319,5 @@ def make_watcher(
                 "watcher follows one optimizer. Watch the sub-model each one trains, each in its own run, e.g. "
                 "normlog.keras.watch(gan.discriminator, logdir, optimizer=gan.d_optimizer, name='discriminator')"
             )
-    owns_writer = writer is None or name is not None
-    if writer is None:
-        writer = Writer(run_directory(logdir, name))
-    elif name is not None:
-        writer = Writer(run_directory(writer.logdir, name))
-    try:
-        return Watcher(target, writer, owns_writer=owns_writer, optimizer=optimizer, **options)
-    except BaseException:
-        if owns_writer:
-            writer.close()
-        raise
+    with owned_run(logdir, writer, name) as (run, owns_writer):
+        return Watcher(target, run, owns_writer=owns_writer, optimizer=optimizer, **options)
